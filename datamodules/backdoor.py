@@ -101,6 +101,8 @@ class BackdoorDataModule(L.LightningDataModule):
         if self.trigger is None:
             self.poison_indices = torch.zeros(0, dtype=torch.long)
         else:
+            if not self.trigger.from_record:
+                self.trigger.fit(x_train, y_train)  # e.g. SSBA trains its encoder on the clean training set
             idx = poison_indices(y_train, self.poison_ratio, self.poison_seed, self.target,
                                  self.trigger.clean_label, self.ratio_over_target)
             poisoned = cached(self.cache_dir, self._cache_key(x_train, y_train, x_test, idx),

@@ -26,7 +26,7 @@ def fingerprint(obj: Any) -> str:
         if isinstance(o, Tensor):
             t = o.detach().cpu().contiguous()
             h.update(f"tensor{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(o, dict):
             h.update(b"{")
             for k in sorted(o, key=str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, RandomSampler, Dataset
 
 
 class TensorImages(Dataset):
@@ -38,5 +38,11 @@ def _batch_as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return batch
 
 
-def tensor_loader(data: TensorImages, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=_batch_as_is)
+def tensor_loader(data: TensorImages, batch_size: int, shuffle: bool, drop_last: bool = False,
+                  num_samples: int | None = None) -> DataLoader:
+    """Batches of whole tensors (one indexing per batch). `num_samples` draws that many items per epoch
+    uniformly *with replacement* instead of one pass (implies shuffling)."""
+    if num_samples is None:
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=_batch_as_is)
+    sampler = RandomSampler(data, replacement=True, num_samples=num_samples)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=_batch_as_is)

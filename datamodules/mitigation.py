@@ -6,7 +6,7 @@ indices (which D_m must avoid). By default the record is the one the defense Lig
 (`trainer.lightning_module.backdoor_record`); `backdoored` names a checkpoint instead (notebooks, scripts).
 
 Loaders: train = D_m minus D_v, `(x, y)` uint8 batches; val = D_v; test = [clean, backdoor] as in
-`BackdoorDataModule`. `mitigation_tensors()` gives D_m directly for defenses that iterate themselves.
+`BackdoorDataModule`. `tensors()` gives D_m directly for defenses that iterate themselves.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from datamodules.datasets import DataSpec, get_dataset
-from datamodules.loader import TensorImages, _batch_as_is, tensor_loader
+from datamodules.loader import TensorImages, tensor_loader
 from datamodules.poisoning import attack_labels
 from datamodules.record import load_record
 from datamodules.splits import MitigationSplit, split_by_ratio, split_by_spc
@@ -128,15 +128,8 @@ class MitigationDataModule(L.LightningDataModule):
             raise KeyError(f"no {part!r} data (have {sorted(self._sets)}; call setup() first)")
         return self._sets[part].tensors
 
-    def mitigation_tensors(self, part: str = "train") -> tuple[Tensor, ...]:  # TEMP alias, removed at integration
-        return self.tensors(part)
-
     def train_dataloader(self) -> DataLoader:
-        data = self._sets["train"]
-        if self.samples_per_epoch is None:
-            return tensor_loader(data, self.batch_size, shuffle=True)
-        sampler = RandomSampler(data, replacement=True, num_samples=self.samples_per_epoch)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
+        return tensor_loader(self._sets["train"], self.batch_size, shuffle=True, num_samples=self.samples_per_epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self._sets["val"]) == 0:

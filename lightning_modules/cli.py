@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import EpochSummary
+from callbacks import EpochSummary, Gallery
 
 
 class BackdoorCLI(LightningCLI):
@@ -22,7 +22,7 @@ class BackdoorCLI(LightningCLI):
             "max_epochs": 100,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": "runs", "name": None}},
-            "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0), EpochSummary()],
+            "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0), EpochSummary(), Gallery()],
             "log_every_n_steps": 10,
             **kwargs.pop("trainer_defaults", {}),
         }

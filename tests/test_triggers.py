@@ -10,11 +10,17 @@ import torch
 from PIL import Image
 
 from datamodules.triggers import SIG, TRIGGERS, BadNets, Blended, apply_badnets, apply_blended, build_trigger
+from tests.test_lf import example_pattern_file as lf_example_pattern_file
 
 
 # How to build a small valid instance of each registered trigger (default construction where that works).
 # A trigger that needs a file, a pattern or trained weights gets its entry here (keyed by its file name).
-EXAMPLES: dict[str, object] = {}
+EXAMPLES: dict[str, object] = {
+    "lf": lambda: TRIGGERS["lf"](pattern=lf_example_pattern_file()),  # a smooth 0..51 uint8 .npy
+    "lira": lambda: TRIGGERS["lira"](eps=0.5),  # at eps 0.01 an untrained generator changes no pixel
+    "iab": lambda: TRIGGERS["iab"](width=8),  # untrained, seeded; width 32 is only slower on CPU
+    "ssba": lambda: TRIGGERS["ssba"](epochs=0, width=4),  # the seeded untrained encoder: no data, no training
+}
 
 
 def example(name: str):
@@ -131,3 +137,44 @@ def test_bad_parameters() -> None:
         build_trigger({"class_path": "datamodules.triggers.NoSuch", "init_args": {}})
     with pytest.raises(ValueError, match="not a Trigger"):
         build_trigger({"class_path": "torch.nn.Linear", "init_args": {}})
+
+
+class _Recording(BadNets):
+    """BadNets that remembers what `fit` was given (defined here, not registered)."""
+
+    def fit(self, x_train: torch.Tensor, y_train: torch.Tensor) -> None:
+        self.calls = [*getattr(self, "calls", []), (x_train.shape, y_train.shape)]
+
+
+def test_datamodule_fits_the_trigger_on_clean_training_data(tmp_path) -> None:
+    from datamodules import BackdoorDataModule
+    from datamodules.datasets import Digits
+
+    x, y = Digits().build("train")
+    trigger = _Recording()
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, cache_dir=None)
+    data.setup("fit")
+    assert trigger.calls == [((len(x), 3, 32, 32), (len(y),))], "once, with the whole clean training set"
+    rebuilt = build_trigger(trigger.record())
+    assert rebuilt.from_record and not trigger.from_record
+    BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=rebuilt, cache_dir=None).setup("fit")
+    assert not hasattr(rebuilt, "calls"), "a trigger restored from a record is not fitted again"
+    BadNets().fit(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1))  # the base hook: a no-op
+
+
+def test_ssba_encoder_trains_through_the_hook(tmp_path, monkeypatch) -> None:
+    """No dataset= needed: the DataModule hands SSBA the run's clean training images."""
+    import datamodules.triggers.ssba as ssba_module
+    from datamodules import BackdoorDataModule
+    from datamodules.ssba_encoder import StegaStampDecoder, StegaStampEncoder
+
+    seen = {}
+
+    def fake_training(images, settings, cache_dir, name):
+        seen["shape"], seen["name"] = tuple(images.shape), name
+        return StegaStampEncoder(settings["bits"], settings["width"]), StegaStampDecoder(settings["bits"], 4), {}
+
+    monkeypatch.setattr(ssba_module, "cached_stegastamp", fake_training)
+    trigger = TRIGGERS["ssba"](epochs=1, width=4)
+    BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, cache_dir=None).setup("fit")
+    assert seen["shape"][1:] == (3, 32, 32) and seen["shape"][0] > 1000 and int(trigger.image_size) == 32

@@ -19,9 +19,17 @@ class Trigger(nn.Module):
     """Base class. Subclasses implement `forward(x: uint8[B, C, H, W]) -> uint8[B, C, H, W]`."""
 
     clean_label: ClassVar[bool] = False  # True: poison only target-class images and keep their labels
+    from_record: bool = False  # set by build_trigger: the state came from a checkpoint, nothing to fit
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def fit(self, x_train: Tensor, y_train: Tensor) -> None:
+        """Learn whatever the trigger needs from the clean training set (uint8 (N, C, H, W), labels (N,)).
+
+        `BackdoorDataModule.setup` calls this once, before any image is triggered, unless the trigger was
+        rebuilt from a record (its state is then already learned). A no-op for fixed triggers; SSBA trains its
+        encoder here, so a trigger never needs to load the dataset by name."""
 
     def config(self) -> dict[str, Any]:
         """{'class_path', 'init_args'} that rebuild this trigger (state aside)."""
@@ -59,6 +67,7 @@ def build_trigger(record: dict[str, Any]) -> Trigger:
     trigger = cls(**record.get("init_args", {}))
     if record.get("state"):
         trigger.load_state_dict(record["state"])
+    trigger.from_record = True  # learned state restored: BackdoorDataModule skips `fit`
     return trigger
 
 

@@ -1,0 +1,147 @@
+"""LF, the low-frequency trigger (Zeng et al., "Rethinking the Backdoor Attacks' Triggers: A Frequency
+Perspective", ICCV 2021): x' = clip(round(x + P), 0, 255) with P a smooth, non-negative universal pattern.
+
+P is held as float32 (C, H, W) on the 0..255 scale (BackdoorBench's uint8 files hold 0..51, i.e. [0, 0.2] of
+the 0..1 scale) and travels in checkpoints as extra state, so a run rebuilds without the file or the surrogate.
+Where it comes from (exactly one):
+- `pattern`, a BackdoorBench-style .npy file. Two formats exist in resource/lowFrequency: uint8 (H, W, 3)
+  0..51, and float32 (1, H, W, 3) 0..0.2 (the VGG-19-BN, ConvNeXt and ViT files). The reference adds the
+  float ones unchanged to 0..255 images, which truncates back to the clean image: a null trigger, so the
+  survey's LF on VGG-19-BN carried none. Here `scale` says how to read a file: "0-255" as is, "0-1" times 255,
+  "auto" by dtype and values (integers: 0-255; floats above 1: 0-255; floats within [-1, 1]: 0-1; all-zero
+  files, and floats that are all -1, 0 or 1, are ambiguous and raise).
+- `generate`, the settings of datamodules/lf_pattern.py (a targeted universal adversarial perturbation
+  against a clean surrogate, cached per dataset, surrogate and seed). The trigger cannot see the run's
+  dataset, target or backbone: `generate.dataset`, `generate.target` and `generate.surrogate` must name them.
+The pattern is resolved by the `fit` hook (BackdoorDataModule.setup) or lazily (first use, or `state_dict()`),
+so a checkpoint's record rebuilds it without regenerating. Images of another size get the pattern resized bilinearly (the reference ships one file per
+image size). Differs from the reference: the sum is rounded (the reference truncates float sums).
+Cost: one add per batch; generating a pattern, see datamodules/lf_pattern.py (21 CPU-s for digits).
+Measured: configs/attack/lf.yaml on digits, victim SmallCNN width 16, 30 epochs, seed 0: test ACC 0.992
+(clean training: 0.989), ASR 1.000, RA 0.000 (2 shared CPU cores, ~15 min there with ~20 other jobs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datamodules.lf_pattern import PatternGeneration, generate_pattern
+from datamodules.triggers.base import Trigger, check_images, to_uint8
+
+Scale = Literal["auto", "0-255", "0-1"]
+SCALES = ("auto", "0-255", "0-1")
+
+
+def apply_lf(x: Tensor, pattern: Tensor) -> Tensor:
+    """uint8 images (B, C, H, W) plus a float pattern (C, H, W) on the 0..255 scale, rounded and clipped."""
+    return to_uint8(x.float() + pattern.to(device=x.device, dtype=torch.float32))
+
+
+def pattern_scale(array: np.ndarray, scale: Scale, where: str = "pattern") -> str:
+    """The scale a pattern array is on: `scale`, or for "auto" the one its dtype and values imply."""
+    if scale not in SCALES:
+        raise ValueError(f"LF scale must be one of {SCALES}, got {scale!r}")
+    if scale != "auto":
+        return scale
+    peak = float(np.abs(array).max()) if array.size else 0.0
+    if peak == 0.0:
+        raise ValueError(f"{where} is all zeros: no trigger on any scale")
+    if np.issubdtype(array.dtype, np.integer) or peak > 1.0:
+        return "0-255"
+    if np.all(np.isin(array, (-1.0, 0.0, 1.0))):
+        raise ValueError(f"{where} holds only -1, 0 and 1: it could be 0..255 or 0..1; set scale explicitly")
+    return "0-1"
+
+
+def read_pattern(path: str, scale: Scale = "auto") -> Tensor:
+    """A pattern file as float32 (C, H, W) on the 0..255 scale. Accepts (H, W, C) and BackdoorBench's (1, H, W, C)."""
+    if not Path(path).is_file():
+        raise ValueError(f"LF pattern file {path} not found; give a .npy from BackdoorBench's resource/lowFrequency "
+                         f"(e.g. cifar10_preactresnet18_0_255.npy) or use `generate` instead")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"LF pattern {path} is not a numpy .npy array ({err})") from err
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"LF pattern {path} must be (H, W, C) or (1, H, W, C) with C 1 or 3, got {array.shape}")
+    factor = 255.0 if pattern_scale(array, scale, f"LF pattern {path}") == "0-1" else 1.0
+    values = torch.from_numpy(array.astype(np.float32) * factor).permute(2, 0, 1).contiguous()
+    if values.abs().max() > 255:
+        raise ValueError(f"LF pattern {path} exceeds 255 on the 0..255 scale (max {values.abs().max():.1f}): "
+                         f"check `scale` ({scale!r})")
+    return values
+
+
+class LowFrequency(Trigger):
+    """Args:
+        pattern: path of a pattern .npy file (BackdoorBench's resource/lowFrequency format).
+        scale: the file's scale: "0-255", "0-1", or "auto" (decided by dtype and range; raises where ambiguous).
+        generate: settings to generate the pattern instead (datamodules.lf_pattern.PatternGeneration).
+    """
+
+    def __init__(
+        self,
+        pattern: str | None = None,
+        scale: Scale = "auto",
+        generate: PatternGeneration | None = None,
+    ) -> None:
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"LF scale must be one of {SCALES}, got {scale!r}")
+        if (pattern is None) == (generate is None):
+            raise ValueError("LF needs exactly one pattern source: `pattern` (a .npy file) or `generate` "
+                             f"(settings to generate one); got pattern={pattern!r}, generate={generate!r}")
+        # kept as a plain dict so config() and checkpoints hold plain values
+        self.pattern = pattern
+        self.scale = scale
+        self.generate = PatternGeneration.from_value(generate).to_dict() if generate is not None else None
+        self._pattern: Tensor | None = None
+        self._sized: dict[tuple[int, int, str], Tensor] = {}
+        self.info: dict[str, Any] = {}  # generation diagnostics (fooling rates, seconds)
+
+    def resolved(self) -> Tensor:
+        """The pattern (C, H, W), float32 on the 0..255 scale, read or generated on first use."""
+        if self._pattern is None:
+            if self.pattern is not None:
+                self._pattern = read_pattern(self.pattern, self.scale)
+            else:
+                out = generate_pattern(PatternGeneration.from_value(self.generate))
+                self._pattern = out["pattern"].float()
+                self.info = {k: v for k, v in out.items() if k != "pattern"}
+        return self._pattern
+
+    def fit(self, x_train: Tensor, y_train: Tensor) -> None:
+        """The `Trigger.fit` hook: read or generate the pattern now, before the DataModule poisons. Generation
+        still loads `generate.dataset` itself: it also needs that dataset's normalisation and the target."""
+        self.resolved()
+
+    def pattern_for(self, x: Tensor) -> Tensor:
+        key = (x.shape[-2], x.shape[-1], str(x.device))
+        if key not in self._sized:
+            p = self.resolved()
+            if p.shape[0] not in (1, x.shape[1]):
+                raise ValueError(f"LF pattern has {p.shape[0]} channels, the images {x.shape[1]}")
+            if tuple(p.shape[-2:]) != key[:2]:
+                p = F.interpolate(p[None], size=key[:2], mode="bilinear", align_corners=False)[0]
+            self._sized[key] = p.to(x.device)
+        return self._sized[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_images(x)
+        return apply_lf(x, self.pattern_for(x))
+
+    def get_extra_state(self) -> Any:
+        return {"pattern": self.resolved().clone()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if state and state.get("pattern") is not None:
+            self._pattern = state["pattern"].float().cpu()
+            self._sized.clear()
