@@ -108,7 +108,11 @@ def execute(job: Job) -> dict[str, Any]:
         try:
             from lightning_modules.cli import BackdoorCLI
 
-            cli = BackdoorCLI(args=[*job.argv, *device_args])
+            argv, sys.argv = sys.argv, [sys.argv[0]]  # LightningCLI warns when argv and args both hold arguments
+            try:
+                cli = BackdoorCLI(args=[*job.argv, *device_args])
+            finally:
+                sys.argv = argv
             if job.kind == "attack":
                 metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
                 if not (run_dir / "checkpoints" / "last.ckpt").exists():

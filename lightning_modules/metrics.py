@@ -64,13 +64,13 @@ class RecoveryAccuracy(_LabelMatchRate):
 
 
 def arr(acc_pre: float, acc_post: float) -> float:
-    """Accuracy reduction ratio (ACC_pre - ACC_post) / ACC_pre; 0 is ideal."""
-    return (acc_pre - acc_post) / acc_pre
+    """Accuracy reduction ratio (ACC_pre - ACC_post) / ACC_pre; 0 is ideal (NaN when ACC_pre is 0)."""
+    return (acc_pre - acc_post) / acc_pre if acc_pre else float("nan")
 
 
 def rdr(acc_pre: float, ra_post: float) -> float:
-    """Recovery difference ratio (ACC_pre - RA_post) / ACC_pre; 0 is ideal."""
-    return (acc_pre - ra_post) / acc_pre
+    """Recovery difference ratio (ACC_pre - RA_post) / ACC_pre; 0 is ideal (NaN when ACC_pre is 0)."""
+    return (acc_pre - ra_post) / acc_pre if acc_pre else float("nan")
 
 
 def der(acc_pre: float, acc_post: float, asr_pre: float, asr_post: float) -> float:

@@ -115,7 +115,18 @@ def write_backbone_checkpoint(path: Path, backbone: str, seed: int = 0, **init_a
     return path
 
 
-@pytest.fixture
-def backbone_checkpoint(tmp_path):
-    """Factory: backbone_checkpoint("vgg19_bn") -> path of an untrained checkpoint of that backbone."""
-    return lambda name, **init_args: write_backbone_checkpoint(tmp_path / f"{name}.ckpt", name, **init_args)
+@pytest.fixture(scope="session")
+def backbone_checkpoint(tmp_path_factory):
+    """Factory: backbone_checkpoint("vgg19_bn") -> path of an untrained checkpoint of that backbone, written
+    once per session and argument set (VGG-19-BN takes seconds to build and save); treat it as read-only."""
+    root = tmp_path_factory.mktemp("backbones")
+    written: dict[tuple, Path] = {}
+
+    def make(name: str, **init_args) -> Path:
+        key = (name, tuple(sorted(init_args.items())))
+        if key not in written:
+            tag = "-".join(f"{k}{v}" for k, v in key[1])
+            written[key] = write_backbone_checkpoint(root / f"{name}{tag}.ckpt", name, **init_args)
+        return written[key]
+
+    return make

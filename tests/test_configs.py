@@ -20,7 +20,15 @@ ALL = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml") if p.relati
 TINY = ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
         "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "32"]
 # digits' class 0 holds 142 of 1,438 training images: SIG's 0.1 of the whole set is infeasible there
-OVERRIDES = {"attack/sig.yaml": ["--data.init_args.poison_ratio", "0.05"]}
+_T = "--data.init_args.trigger.init_args"
+OVERRIDES = {
+    "attack/sig.yaml": ["--data.init_args.poison_ratio", "0.05"],
+    # the seeded untrained encoder: the reference's encoder training is GPU work (the hook still runs)
+    "attack/ssba.yaml": [f"{_T}.epochs", "0", f"{_T}.width", "4"],
+    # a 1-epoch surrogate, 10 images, 1 pass: the generation path, not a useful pattern
+    "attack/lf.yaml": [f"{_T}.generate.surrogate_epochs", "1", f"{_T}.generate.num_images", "10",
+                       f"{_T}.generate.passes", "1", f"{_T}.generate.max_iter", "20"],
+}
 
 
 def composition(rel: Path) -> list[str]:

@@ -15,14 +15,24 @@ from tests.conftest import CONFIGS, run_cli
 # The fewest epochs / iterations that still run every phase of each method (its YAML holds the defaults).
 FAST: dict[str, list[str]] = {
     "ft": ["--trainer.max_epochs", "2"],
-    "fp": ["--trainer.max_epochs", "2"],
+    "fp": ["--trainer.max_epochs", "1"],  # pruning, then one fine-tuning epoch with the mask kept
     "bnp": [],
     "clp": [],
-    "anp": ["--trainer.max_epochs", "2"],
+    "anp": ["--trainer.max_steps", "2", "--data.samples_per_epoch", "256"],
     "awm": ["--trainer.max_epochs", "2"],
-    "rnp": ["--trainer.max_epochs", "2"],
-    "mmbd": ["--trainer.max_epochs", "2"],
-    "npd": ["--trainer.max_epochs", "2"],
+    "rnp": ["--trainer.max_epochs", "2", "--model.unlearn_epochs", "2"],
+    "mmbd": ["--trainer.max_epochs", "2", "--model.lam_every", "1"],
+    "npd": ["--trainer.max_epochs", "2", "--model.warmup_epochs", "1"],
+    "fst": ["--trainer.max_epochs", "2"],
+    "bcu": ["--trainer.max_epochs", "2"],  # re-initialisation, then two epochs (two temperatures)
+    "ftsam": ["--trainer.max_epochs", "2"],
+    "nad": ["--trainer.max_epochs", "1", "--model.teacher_epochs", "1"],  # a teacher epoch, a student epoch
+    # NC: a 1-epoch search of 2 steps and a tiny anomaly threshold flag classes, so that the unlearning epoch runs
+    "nc": ["--trainer.max_epochs", "1", "--model.search_epochs", "1", "--model.search_batch_size", "50",
+           "--model.anomaly_threshold", "1e-6"],
+    "pbe": ["--trainer.max_epochs", "2"],
+    "sau": ["--trainer.max_epochs", "2"],
+    "ibau": ["--trainer.max_epochs", "1"],  # one round: delta search, one step with 1 of 100 images patched
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 RESULT_KEYS = {"attack", "defense", "dataset", "backbone", "poison_ratio", "spc", "split_seed", "before",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -40,6 +41,7 @@ def test_shape_mismatch_is_an_error() -> None:
 def test_normalised_scores() -> None:
     assert arr(0.9, 0.81) == pytest.approx(0.1)
     assert rdr(0.9, 0.45) == pytest.approx(0.5)
+    assert math.isnan(arr(0.0, 0.5)) and math.isnan(rdr(0.0, 0.5))  # an untrained model: undefined, not a crash
     assert der(0.9, 0.85, 1.0, 0.1) == pytest.approx((0.9 - 0.05 + 1) / 2)
     assert rir(0.9, 0.92, 0.0, 0.6) == pytest.approx((0.6 - 0 + 1) / 2)
 

@@ -9,6 +9,7 @@ saving and reloading with no extra state. Soft masks (ANP, AWM, RNP) are applied
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,3 +57,20 @@ def masked_forward(
 
 def neuron_count(net: nn.Module) -> int:
     return sum(bn.num_features for _, bn in bn_layers(net))
+
+
+@torch.no_grad()
+def mask_summary(masks: Mapping[str, Tensor], bins: int = 10) -> dict[str, Any]:
+    """JSON-friendly facts about per-neuron soft masks in [0, 1] (ANP, AWM, RNP): overall statistics, a
+    histogram over [0, 1] in `bins` equal bins (the last one closed), and each layer's mean."""
+    flat = torch.cat([m.detach().flatten().float().cpu() for m in masks.values()])
+    levels = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    return {
+        "neurons": len(flat),
+        "min": float(flat.min()), "mean": float(flat.mean()), "max": float(flat.max()),
+        "quantiles": {f"{q:.2f}": float(v) for q, v in zip(levels.tolist(), torch.quantile(flat, levels))},
+        "histogram": {"edges": [i / bins for i in range(bins + 1)],
+                      "counts": torch.histc(flat, bins=bins, min=0.0, max=1.0).long().tolist()},
+        "at_zero": int((flat == 0).sum()), "at_one": int((flat == 1).sum()),
+        "layer_mean": {name: float(m.float().mean()) for name, m in masks.items()},
+    }

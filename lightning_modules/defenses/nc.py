@@ -1,0 +1,299 @@
+"""NC: Neural Cleanse (Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao, "Neural Cleanse: Identifying and Mitigating
+Backdoor Attacks in Neural Networks", IEEE S&P 2019).
+
+A backdoor is a shortcut: a small patch sends any image to the target class, so the smallest input change that
+does so is abnormally small for that class. NC reverse-engineers, for every class t, a mask m_t and a pattern
+delta_t in [0, 1] (tanh-parametrised) minimising CE(f((1 - m_t) x + m_t delta_t), t) + lambda_t ||m_t||_1 over
+augmented D_m (0..1 pixels), all classes in one batched optimisation (lightning_modules/defenses/_nc_reverse.py):
+Adam lr 0.1, betas (0.5, 0.9), up to 80 epochs; lambda_t starts at 1e-3, x2 after 5 epochs in a row with
+attack success >= 98%, / 2^1.5 after 5 below; class t stops once lambda_t has moved both ways and its best L1
+has not improved by 1% for 25 epochs; each class keeps its smallest-L1 mask that reached 98%. The anomaly index
+of the L1 norms is their distance to the median over 1.4826 x the median absolute deviation; a class with index
+> 2 *below* the median is flagged. Then, `mitigation`:
+- unlearn (the survey's fork, default): fine-tune all weights through Lightning's loop on D_m whose last 20%
+  (in stored order, i.e. training-set index order, not grouped by class) is stamped with each flagged class's
+  reversed trigger and keeps its *true* labels (F flagged classes: F stamped copies of that 20%, the other 80%
+  clean): SGD 0.01, momentum 0.9, wd 5e-4, cosine over the run (T_max = max_epochs per epoch; the fork's
+  T_max = 100 is the same at its 100 epochs, `cosine_t_max: 100` keeps it at other lengths), 100 epochs,
+  batch 256, training augmentation (after stamping).
+- prune (the original paper): rank the neurons of the second-to-last layer (the input features of the output
+  Linear, `prune_layers[<backbone>]`) by their activation gap, mean over D_m stamped with the reversed trigger
+  (the flagged class's own images excluded; max over flagged classes) minus mean over clean D_m, and prune the
+  highest first, ceil(1%) more per step, until the reversed triggers' attack success on D_m (no augmentation) is
+  at most `prune_stop_asr` (else the step with the lowest). Pruning zeroes the neuron's column of the output
+  Linear, so it lives in the weights; there is no fine-tuning.
+If no class is flagged the model is returned unchanged: no fine-tuning step runs (the fit loop is stopped in
+`prepare`) and info() says so. The reversed triggers are kept in the defended checkpoint (`trigger_mask`,
+`trigger_pattern`, buffers of final shape); `forward` does not read them.
+
+Differences from the survey's fork: it crashes when it flags a class under SPC sampling (undefined index list)
+and evaluates a fresh, un-fine-tuned copy of the model (protocol.md); it stores the trigger as PNG files,
+min-max rescaled, and stamps uint8 images with them: we stamp with the exact mask and pattern in float. The
+median is the statistical one (the fork's torch.median takes the lower middle value for even K; the original
+NC code's np.median is ours). A class that never reaches 98% keeps its last mask (the fork: its first-epoch
+one). The kept mask and its L1 are those of the epoch's last batch (the fork: the post-step mask with the
+epoch-mean L1); on one-batch epochs (SPC 10 on CIFAR-10) the success is then measured on exactly that mask.
+The unlearning set is formed inside `training_step` from the datamodule's D_m batches: images of the last 20%
+are recognised by an exact integer hash of their pixels (byte-identical duplicates elsewhere in D_m would be
+stamped too).
+
+With the fork's batch 256, SPC 10 on a 10-class set is one Adam step per search epoch: the early stop (25
+epochs without a 1% gain) then ends some classes after ~35 steps with masks barely shrunk from their 0.88
+start, and the bimodal L1 norms can hide the target (manual run below: class 0 has the smallest L1, 11 vs a
+median of 539, yet index 1.0). This is the fork's behaviour; `search_batch_size` 2..10 gives more steps per
+epoch (tests/test_nc.py: batch 2, 4 epochs flags class 0 alone).
+
+Cost (2 CPU cores shared with other jobs, load ~12): full defaults on configs/quickstart.yaml's model (SmallCNN,
+BadNets on digits, SPC 10 = 100 images, K = 10): search 887 s (each epoch one forward-backward of K x |D_m| =
+1,000 images; 80 epochs for 5 classes, 32..37 for the others), nothing flagged, so no fine-tuning. The
+fixture (SmallCNN width 16), search batch 2, 4 epochs: about 20 s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from datamodules.transforms import to_unit
+from lightning_modules.defenses._nc_reverse import SearchSettings, flag_low_outliers, reverse_engineer, stamp
+from lightning_modules.defenses.base import Defense
+from lightning_modules.defenses.hooks import capture, for_backbone
+from lightning_modules.optim import Schedule, sgd_with_schedule
+
+# The output Linear, whose input features are the second-to-last layer's neurons that `prune` removes.
+PRUNE_LAYERS: dict[str, str] = {
+    "PreActResNet18": "linear", "VGG19BN": "classifier.6", "EfficientNetB3": "classifier.1",
+    "MobileNetV3Large": "classifier.3", "SmallCNN": "linear",
+}
+LAYERS = "configs/defense/nc.yaml (model.init_args.prune_layers)"
+
+
+def image_keys(x: Tensor) -> Tensor:
+    """An exact int64 hash of uint8 images: pixel values dotted with fixed random 40-bit weights (no overflow)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randint(1, 2**40, (x[0].numel(),), generator=gen, dtype=torch.long).to(x.device)
+    return (x.flatten(1).long() * weights).sum(1)
+
+
+class NC(Defense):
+    """Args:
+        mitigation: unlearn (fine-tune on D_m partly stamped with the flagged triggers, true labels) or prune
+            (the original paper's neuron pruning, no fine-tuning).
+        search_epochs, search_lr, search_betas: the Adam optimisation of masks and patterns.
+        search_batch_size: D_m batch size of the search; None: data.batch_size (the fork).
+        init_cost, cost_patience, cost_multiplier: lambda schedule (start; epochs before a change; x up,
+            / multiplier^1.5 down).
+        success_threshold: attack success (fraction) a mask must reach to be kept.
+        early_stop_patience, early_stop_threshold: a class stops after this many epochs without its best L1
+            dropping below threshold x the best so far (and once lambda has moved both ways).
+        search_augment: feed D_m with the training augmentation to the search (the fork does).
+        class_chunk: classes per forward pass in the search (memory only; None: all).
+        anomaly_threshold: flag classes whose L1 lies below the median with an anomaly index above this.
+        unlearn_fraction: share of D_m (its last part) stamped with each flagged trigger.
+        lr, momentum, weight_decay, schedule: SGD of the unlearning fine-tuning.
+        cosine_t_max: epochs of the cosine schedule; None: the run's max_epochs (the fork's 100 whatever the length
+            is `100`).
+        prune_layers: per backbone class name, the output Linear whose input neurons are pruned; None:
+            `PRUNE_LAYERS`.
+        prune_step: fraction of those neurons pruned per step (ceil), in (0, 1].
+        prune_stop_asr: prune until every reversed trigger's attack success on D_m is at most this.
+        (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
+    """
+
+    def __init__(
+        self,
+        backdoored: str,
+        mitigation: Literal["unlearn", "prune"] = "unlearn",
+        search_epochs: int = 80,
+        search_lr: float = 0.1,
+        search_betas: tuple[float, float] = (0.5, 0.9),
+        search_batch_size: int | None = None,
+        init_cost: float = 1e-3,
+        cost_patience: int = 5,
+        cost_multiplier: float = 2.0,
+        success_threshold: float = 0.98,
+        early_stop_patience: int = 25,
+        early_stop_threshold: float = 0.99,
+        search_augment: bool = True,
+        class_chunk: int | None = None,
+        anomaly_threshold: float = 2.0,
+        unlearn_fraction: float = 0.2,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        schedule: Schedule = "cosine",
+        cosine_t_max: int | None = None,
+        prune_layers: dict[str, str] | None = None,
+        prune_step: float = 0.01,
+        prune_stop_asr: float = 0.1,
+        result_file: str | None = None,
+        save_defended: bool = True,
+        channels_last: bool = True,
+    ) -> None:
+        checks = {
+            "mitigation (unlearn or prune)": mitigation in ("unlearn", "prune"),
+            "search_epochs >= 1": search_epochs >= 1, "search_lr > 0": search_lr > 0,
+            "search_batch_size >= 1 or null": search_batch_size is None or search_batch_size >= 1,
+            "search_betas in [0, 1)": len(search_betas) == 2 and all(0 <= b < 1 for b in search_betas),
+            "init_cost > 0": init_cost > 0, "cost_patience >= 1": cost_patience >= 1,
+            "cost_multiplier > 1": cost_multiplier > 1, "success_threshold in (0, 1]": 0 < success_threshold <= 1,
+            "early_stop_patience >= 1": early_stop_patience >= 1,
+            "early_stop_threshold in (0, 1]": 0 < early_stop_threshold <= 1,
+            "class_chunk >= 1 or null": class_chunk is None or class_chunk >= 1,
+            "anomaly_threshold > 0": anomaly_threshold > 0, "unlearn_fraction in (0, 1)": 0 < unlearn_fraction < 1,
+            "lr > 0": lr > 0, "momentum in [0, 1)": 0 <= momentum < 1, "weight_decay >= 0": weight_decay >= 0,
+            "cosine_t_max >= 1 or null": cosine_t_max is None or cosine_t_max >= 1,
+            "prune_step in (0, 1]": 0 < prune_step <= 1, "prune_stop_asr in [0, 1]": 0 <= prune_stop_asr <= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"NC: invalid settings, expected {'; '.join(bad)} (mitigation={mitigation!r}, "
+                             f"search_epochs={search_epochs}, search_lr={search_lr}, init_cost={init_cost}, "
+                             f"lr={lr}, class_chunk={class_chunk}, ...); fix them in configs/defense/nc.yaml")
+        super().__init__(backdoored, result_file, save_defended, channels_last)
+        self.save_hyperparameters()
+        self.prune_layer: str | None = None
+        if mitigation == "prune":
+            self.prune_layer = str(for_backbone(PRUNE_LAYERS if prune_layers is None else prune_layers,
+                                                self.backdoor_record, "NC prune layer (the output Linear)", LAYERS))
+            module = dict(self.net.named_modules()).get(self.prune_layer)
+            if not (isinstance(module, nn.Linear) and module.out_features == self.spec.num_classes):
+                found = "no such module" if module is None else repr(module)
+                raise ValueError(f"NC prune layer {self.prune_layer!r} of {type(self.net).__name__} must be the output "
+                                 f"nn.Linear ({self.spec.num_classes} outputs), found {found}; fix it in {LAYERS}")
+        k, size, channels = self.spec.num_classes, self.spec.image_size, len(self.spec.mean)
+        self.register_buffer("trigger_mask", torch.zeros(k, 1, size, size))
+        self.register_buffer("trigger_pattern", torch.zeros(k, channels, size, size))
+        self.facts: dict[str, Any] = {}
+        self._flagged: list[int] = []
+        self._unlearn_keys: Tensor | None = None
+
+    # -- detection ------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        h = self.hparams
+        x, y = self.mitigation_data("train")
+        start = time.perf_counter()
+        triggers = self.search(x)
+        triggers = self.trainer.strategy.broadcast(triggers, src=0)  # one set of triggers for all processes
+        seconds = time.perf_counter() - start
+        self.trigger_mask.copy_(triggers.mask)
+        self.trigger_pattern.copy_(triggers.pattern)
+        flagged, index, median, mad = flag_low_outliers(triggers.l1, h.anomaly_threshold)
+        self._flagged = flagged
+        self.facts = {
+            "l1_norms": triggers.l1.tolist(), "anomaly_index": index.tolist(), "median_l1": median, "mad": mad,
+            "flagged": flagged, "reached_success": triggers.reached.tolist(),
+            "search_epochs": triggers.epochs.tolist(), "final_cost": triggers.cost.tolist(),
+            "search_seconds": seconds, "dm_acc_before": self.accuracy(x, y),
+        }
+        if not flagged:
+            self.facts["mitigation"] = "none: no class flagged, model returned unchanged"
+            rank_zero_info(f"NC: no class flagged (anomaly indices {[round(v, 2) for v in index.tolist()]}); "
+                           f"the model is returned unchanged, fine-tuning skipped")
+            self.trainer.should_stop = True  # the fit loop then runs no step: weights and BN statistics untouched
+            return
+        rank_zero_info(f"NC: flagged class(es) {flagged} (L1 {[round(triggers.l1[c].item(), 1) for c in flagged]}, "
+                       f"median {median:.1f}); mitigation: {h.mitigation}")
+        if h.mitigation == "prune":
+            self.facts["mitigation"] = "prune"
+            self.facts["prune"] = self.prune(x, y, flagged)
+            self.trainer.should_stop = True
+            return
+        unlearn = max(1, len(x) - int(len(x) * (1 - h.unlearn_fraction)))  # the fork's split: int() of the clean part
+        self._unlearn_keys = image_keys(x[len(x) - unlearn:])
+        self.facts["mitigation"] = "unlearn"
+        self.facts["unlearn"] = {"clean": len(x) - unlearn, "stamped_per_flagged_class": unlearn}
+
+    def search(self, x: Tensor):
+        h = self.hparams
+        settings = SearchSettings(h.search_epochs, h.search_lr, tuple(h.search_betas), h.init_cost,
+                                  h.success_threshold, h.cost_patience, h.cost_multiplier, h.early_stop_patience,
+                                  h.early_stop_threshold, h.class_chunk)
+        net = self.frozen_copy()  # eval mode: no batch statistics couple the classes
+        labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+
+        def epoch_batches():
+            batch = h.search_batch_size or self.mitigation.batch_size
+            for xb, _ in self.batches(x, labels, batch, shuffle=True, augment=h.search_augment):
+                yield to_unit(xb)
+
+        with torch.enable_grad(), self.autocast():
+            return reverse_engineer(lambda z: self.classify(z, net), epoch_batches, range(self.spec.num_classes),
+                                    tuple(self.trigger_pattern.shape[1:]), settings, self.device)
+
+    # -- mitigation: pruning (the original paper) -------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, x: Tensor, y: Tensor, flagged: list[int]) -> dict[str, Any]:
+        h, linear = self.hparams, self.net.get_submodule(self.prune_layer)
+        was_training = self.net.training
+        self.net.eval()
+        with self.autocast():
+            clean = self.features(to_unit(x))
+            logits = self.classify(x, self.net).float()
+            stamped = [self.features(stamp(to_unit(x[y != c]), self.trigger_mask[c], self.trigger_pattern[c]))
+                       for c in flagged]
+        self.net.train(was_training)
+        weight, bias = linear.weight.float(), linear.bias.float() if linear.bias is not None else None
+        if not torch.allclose(F.linear(clean, weight, bias), logits, rtol=1e-2, atol=1e-2 * float(logits.abs().max())):
+            raise ValueError(f"NC prune layer {self.prune_layer!r} does not produce the logits from its input; it must "
+                             f"be the output Linear; fix it in {LAYERS}")
+        gap = torch.stack([s.mean(0) - clean.mean(0) for s in stamped]).amax(0)
+        order = torch.argsort(gap, descending=True, stable=True)
+        step = math.ceil(h.prune_step * len(order))
+        counts = list(range(0, len(order), step)) + [len(order)]
+
+        def attack_success(keep: Tensor) -> float:
+            return max(float((F.linear(s * keep, weight, bias).argmax(1) == c).float().mean())
+                       for s, c in zip(stamped, flagged))
+
+        asr: list[float] = []
+        for count in counts:
+            keep = torch.ones_like(gap)
+            keep[order[:count]] = 0
+            asr.append(attack_success(keep))
+            if asr[-1] <= h.prune_stop_asr:
+                break
+        chosen = counts[len(asr) - 1] if asr[-1] <= h.prune_stop_asr else counts[min(range(len(asr)), key=asr.__getitem__)]
+        linear.weight[:, order[:chosen]] = 0
+        return {"layer": self.prune_layer, "neurons": len(order), "per_step": step, "pruned": chosen,
+                "stop_reached": asr[-1] <= h.prune_stop_asr, "trigger_asr_steps": asr,
+                "pruned_per_step": counts[: len(asr)], "pruned_neurons": order[:chosen].tolist()}
+
+    def features(self, x: Tensor) -> Tensor:
+        """The flattened input of the output Linear (the second-to-last layer's neurons) for pixels x."""
+        with capture(self.net, [self.prune_layer], what="input") as store:
+            self.classify(x, self.net)
+        return store[self.prune_layer].flatten(1).float()
+
+    # -- mitigation: unlearning (Lightning's loop) ----------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        if self._unlearn_keys is None:  # nothing to unlearn (the loop is normally stopped before it starts)
+            return None
+        x, y = batch
+        hit = torch.isin(image_keys(x), self._unlearn_keys)
+        x = to_unit(x)
+        first, *others = self._flagged
+        xs = [torch.where(hit.view(-1, 1, 1, 1), stamp(x, self.trigger_mask[first], self.trigger_pattern[first]), x)]
+        ys = [y]
+        for c in others:  # more flagged classes: one more stamped copy of the unlearning images each
+            xs.append(stamp(x[hit], self.trigger_mask[c], self.trigger_pattern[c]))
+            ys.append(y[hit])
+        return self.cross_entropy_step(torch.cat(xs), torch.cat(ys), augment=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return sgd_with_schedule(self.net.parameters(), self.trainer, h.lr, h.momentum, h.weight_decay,
+                                 schedule=h.schedule, cosine_t_max=h.cosine_t_max)
+
+    def finish(self) -> None:
+        self.facts["fine_tune_epochs"] = self.trainer.current_epoch if self._unlearn_keys is not None else 0
+        self.facts["dm_acc_after"] = self.accuracy(*self.mitigation_data("train"))
+
+    def info(self) -> dict[str, Any]:
+        return self.facts

@@ -1,0 +1,92 @@
+"""AWM: masks stay in [0, 1], the universal perturbation respects its L1 bound and clips to valid pixels, the
+defended model differs from the attacked one only by mask-scaled BN weights, every backbone, bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.backbones import BACKBONES
+from lightning_modules.checkpoint import load_attacked
+from lightning_modules.defenses import AWM, load_defended
+from lightning_modules.defenses.awm import scale_l1
+from tests.test_anp import MaskRange, fit
+
+
+def awm(checkpoint: Path, tmp_path: Path, **kwargs) -> AWM:
+    return AWM(str(checkpoint), result_file=str(tmp_path / "result.json"), **kwargs)
+
+
+def test_masks_stay_in_unit_interval_after_every_step(backdoored_checkpoint, tmp_path) -> None:
+    watch = MaskRange()
+    defense = awm(backdoored_checkpoint["path"], tmp_path, lr=50.0)  # large steps: the clip binds
+    fit(defense, backdoored_checkpoint["path"], tmp_path, max_epochs=2, batch_size=25, callbacks=[watch])
+    assert len(watch.ranges) == 8  # 100 images in batches of 25, 2 epochs
+    assert all(0.0 <= lo and hi <= 1.0 for lo, hi in watch.ranges), watch.ranges
+    assert min(lo for lo, _ in watch.ranges) == 0.0  # some mask was pushed below 0 and clipped back
+
+
+def test_delta_respects_its_l1_bound(backdoored_checkpoint, tmp_path) -> None:
+    defense = awm(backdoored_checkpoint["path"], tmp_path, delta_norm=5.0)
+    fit(defense, backdoored_checkpoint["path"], tmp_path, max_epochs=2, batch_size=50)
+    epochs = defense.info()["epochs"]
+    assert len(epochs) == 2
+    for e in epochs:  # network-input units: the fitted delta exceeds 5, the scaled one sits on the bound
+        assert e["delta_l1_fitted"] > 5.0 and e["delta_l1"] == pytest.approx(5.0, rel=1e-5)
+    assert float(defense.delta.abs().sum()) <= 5.0 * (1 + 1e-6) and defense.delta.shape == (1, 3, 32, 32)
+
+
+def test_scale_l1() -> None:
+    delta = torch.tensor([[3.0, -4.0]])
+    assert torch.equal(scale_l1(delta, 10.0), delta)  # within the bound: unchanged, never scaled up
+    assert torch.allclose(scale_l1(delta, 3.5), torch.tensor([[1.5, -2.0]]))
+    assert torch.equal(scale_l1(torch.zeros(1, 2), 1.0), torch.zeros(1, 2))
+
+
+def test_perturbed_inputs_are_valid_pixels(backdoored_checkpoint) -> None:
+    defense = AWM(str(backdoored_checkpoint["path"]))
+    pixels = torch.rand(4, 3, 32, 32)
+    pixels[0] = 0.0  # black: the fork's clamp of the *normalised* input to [0, 1] would brighten it
+    delta = torch.randn(1, 3, 32, 32)
+    z = defense.perturb(defense.normalize(pixels), delta)
+    std, mean = defense.normalize.std, defense.normalize.mean
+    back = z * std + mean
+    assert torch.allclose(back, (pixels + delta * std).clamp(0, 1), atol=1e-5)
+    assert torch.allclose(defense.perturb(defense.normalize(pixels[:1]), torch.zeros_like(delta)),
+                          defense.normalize(pixels[:1]))
+
+
+def test_only_mask_scaled_bn_weights_change(backdoored_checkpoint, tmp_path) -> None:
+    ckpt = backdoored_checkpoint["path"]
+    defense = awm(ckpt, tmp_path, lr=5.0)
+    fit(defense, ckpt, tmp_path, max_epochs=2, batch_size=50)
+    masks = {name: m.detach() for name, m in zip(defense.bn_names, defense.neuron_masks)}
+    assert min(float(m.min()) for m in masks.values()) < 0.99  # the masks did move
+    original = load_attacked(ckpt).net.state_dict()
+    for net in (defense.net, load_defended(tmp_path / "checkpoints" / "last.ckpt").net):
+        state = net.state_dict()
+        assert state.keys() == original.keys()
+        for key, value in original.items():
+            layer, _, kind = key.rpartition(".")
+            expected = value * masks[layer] if layer in masks and kind == "weight" else value
+            assert torch.equal(state[key], expected), key
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_runs_on_every_backbone(name: str, backbone_checkpoint, tmp_path) -> None:
+    ckpt = backbone_checkpoint(name)
+    watch = MaskRange()
+    defense = awm(ckpt, tmp_path)
+    fit(defense, ckpt, tmp_path, max_epochs=1, test_images=8, spc=1, batch_size=8, callbacks=[watch])
+    assert len(defense.info()["epochs"]) == 1 and len(watch.moved) == 2  # 10 images in batches of 8
+    # the masks are in the graph (an untrained net in eval mode may push them all up against the clip at 1)
+    assert any(watch.moved[0]), watch.moved
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"lr_decay": 1.5}, {"alpha": -0.1}, {"l1_weight": -1.0},
+                                    {"delta_lr": 0.0}, {"delta_norm": -5.0}])
+def test_bad_hyperparameters_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        AWM("unused.ckpt", **kwargs)

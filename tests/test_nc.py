@@ -1,0 +1,163 @@
+"""NC: the batched trigger search equals searching each class alone; it flags the planted target (class 0) of
+the BadNets fixture and unlearns; with nothing flagged the model comes back unchanged and the decision does not
+depend on the test sets; pruning works on every registered backbone; bad settings fail clearly."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from datamodules import MitigationDataModule
+from datamodules.loader import TensorImages
+from lightning_modules.backbones import BACKBONES
+from lightning_modules.checkpoint import load_attacked
+from lightning_modules.defenses import NC
+from lightning_modules.defenses._nc_reverse import SearchSettings, anomaly_index, reverse_engineer
+from lightning_modules.defenses.nc import PRUNE_LAYERS, image_keys
+
+
+class SmallTests(MitigationDataModule):
+    """D_m as configured, the test sets cut to `n_test` images (cheap before/after measurements), or replaced
+    by random images (`random_tests`) to show that no choice reads them."""
+
+    def __init__(self, *args, n_test: int = 32, random_tests: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_test, self.random_tests = n_test, random_tests
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        gen = torch.Generator().manual_seed(1)
+        for name in ("clean", "backdoor"):
+            tensors = [t[: self.n_test] for t in self._sets[name].tensors]
+            if self.random_tests:
+                tensors[0] = torch.randint(0, 256, tensors[0].shape, generator=gen, dtype=torch.uint8)
+            self._sets[name] = TensorImages(*tensors)
+
+
+def run_nc(path, tmp_path, epochs: int = 1, spc: int = 10, n_test: int = 32, random_tests: bool = False,
+           **kwargs) -> NC:
+    L.seed_everything(0, verbose=False)
+    model = NC(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    data = SmallTests(spc=spc, backdoored=str(path), n_test=n_test, random_tests=random_tests, batch_size=256)
+    trainer.fit(model, data)
+    return model
+
+
+def tiny_search(classes, class_chunk=None):
+    """A small random network and data: 5 classes, 12 images of 3 x 8 x 8 in 3 fixed batches."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 5)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = SearchSettings(epochs=14, lr=0.1, success_threshold=0.9, patience=1, early_stop_patience=2,
+                              class_chunk=class_chunk)
+    return reverse_engineer(net, lambda: iter(x.split(4)), classes, (3, 8, 8), settings)
+
+
+@pytest.mark.parametrize("class_chunk", [None, 2])
+def test_batched_search_equals_each_class_alone(class_chunk) -> None:
+    batched = tiny_search(range(5), class_chunk)
+    assert len(set(batched.epochs.tolist())) > 1, "the case should stop classes at different epochs"
+    assert batched.reached.any() and not batched.reached.all()
+    for t in range(5):
+        alone = tiny_search([t])
+        for field in ("mask", "pattern", "l1", "cost"):
+            torch.testing.assert_close(getattr(batched, field)[t], getattr(alone, field)[0], rtol=1e-5, atol=1e-5,
+                                       msg=f"class {t}: {field}")
+        assert batched.epochs[t] == alone.epochs[0] and batched.reached[t] == alone.reached[0], t
+
+
+def test_anomaly_index_by_hand() -> None:
+    l1 = torch.tensor([10.0, 100.0, 110.0, 90.0, 120.0, 80.0])
+    index, median, mad = anomaly_index(l1)
+    # median 95 (mean of the middle two); |l1 - 95| = 85, 5, 15, 5, 25, 15 -> median 15
+    assert median == pytest.approx(95.0) and mad == pytest.approx(1.4826 * 15.0)
+    torch.testing.assert_close(index, (l1 - 95).abs() / (1.4826 * 15), rtol=1e-6, atol=1e-6)
+
+
+def test_flags_the_planted_target_and_unlearns(backdoored_checkpoint, tmp_path) -> None:
+    # shortened search (defaults: 80 epochs at batch 256): 4 epochs at batch 2 give 200 Adam steps
+    path = backdoored_checkpoint["path"]
+    model = run_nc(path, tmp_path, epochs=1, search_epochs=4, search_batch_size=2)
+    info = model.info()
+    assert 0 in info["flagged"], info
+    l1 = torch.tensor(info["l1_norms"])
+    assert int(l1.argmin()) == 0 and info["anomaly_index"][0] > 2
+    assert info["mitigation"] == "unlearn" and info["fine_tune_epochs"] == 1
+    # the reversed trigger of class 0 is the kept buffer, and tiny: a few pixels of the 32 x 32
+    mask = model.trigger_mask[0, 0]
+    assert float(mask.sum()) == pytest.approx(info["l1_norms"][0], rel=1e-4)
+    assert info["l1_norms"][0] < 0.05 * info["median_l1"] and float(mask.sum()) < 20
+    # the unlearning images are the last 20% of D_m (stored order), recognised by their exact pixels
+    x, _ = model.mitigation_data("train")
+    hits = torch.isin(image_keys(x), model._unlearn_keys)
+    assert info["unlearn"] == {"clean": 80, "stamped_per_flagged_class": 20}
+    assert hits[80:].all() and not hits[:80].any()
+    before = load_attacked(path).net.state_dict()
+    assert any(not torch.equal(v, model.net.state_dict()[k]) for k, v in before.items())
+
+
+def test_nothing_flagged_returns_the_model_unchanged(backdoored_checkpoint, tmp_path) -> None:
+    path = backdoored_checkpoint["path"]
+    settings = dict(epochs=2, spc=2, search_epochs=2, anomaly_threshold=1e9)
+    model = run_nc(path, tmp_path / "a", **settings)
+    info = model.info()
+    assert info["flagged"] == [] and info["mitigation"].startswith("none")
+    assert info["fine_tune_epochs"] == 0 and model.trainer.global_step == 0
+    before = load_attacked(path).net.state_dict()
+    for key, value in model.net.state_dict().items():  # weights and BN running statistics
+        assert torch.equal(value, before[key]), key
+    assert model.result["after"] == model.result["before"]
+    # the search reads D_m only: other test images leave every decision unchanged
+    other = run_nc(path, tmp_path / "b", random_tests=True, **settings)
+    assert other.info()["l1_norms"] == info["l1_norms"] and other.info()["anomaly_index"] == info["anomaly_index"]
+    assert other.result["before"] != model.result["before"]
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_runs_and_prunes_on_every_backbone(backbone, backbone_checkpoint, tmp_path) -> None:
+    path = backbone_checkpoint(backbone)
+    model = run_nc(path, tmp_path, spc=1, n_test=8, mitigation="prune", search_epochs=1, search_batch_size=5)
+    info = model.info()
+    assert len(info["l1_norms"]) == len(info["anomaly_index"]) == 10 and model.trainer.global_step == 0
+    # an untrained net flags nothing reliably (EfficientNet-B3's output hardly depends on its input), so the
+    # pruning step runs here directly, for class 0's reversed trigger, on D_m
+    layer = PRUNE_LAYERS[type(model.net).__name__]
+    original = model.net.get_submodule(layer).weight.detach().clone()
+    x, y = model.mitigation_data("train")
+    facts = model.prune(x, y, [0])
+    weight = model.net.get_submodule(layer).weight
+    pruned = torch.tensor(facts["pruned_neurons"], dtype=torch.long)
+    assert facts["neurons"] == weight.shape[1] and facts["pruned"] == len(pruned)
+    assert facts["pruned"] in facts["pruned_per_step"]
+    assert (weight[:, pruned] == 0).all()
+    kept = torch.ones(weight.shape[1], dtype=torch.bool)
+    kept[pruned] = False
+    assert torch.equal(weight[:, kept], original[:, kept])
+
+
+@pytest.mark.parametrize("bad", [
+    {"mitigation": "erase"}, {"search_epochs": 0}, {"search_lr": -0.1}, {"init_cost": 0.0},
+    {"cost_multiplier": 1.0}, {"success_threshold": 1.5}, {"early_stop_threshold": 0.0}, {"class_chunk": 0},
+    {"anomaly_threshold": 0.0}, {"unlearn_fraction": 1.0}, {"lr": -0.01}, {"momentum": 1.0},
+    {"prune_step": 0.0}, {"prune_stop_asr": 2.0}, {"search_batch_size": 0}, {"cosine_t_max": 0},
+])
+def test_bad_settings_raise(backdoored_checkpoint, bad) -> None:
+    with pytest.raises(ValueError, match="nc.yaml"):
+        NC(str(backdoored_checkpoint["path"]), **bad)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ({"PreActResNet18": "linear"}, r"no NC prune layer .* configured for backbone SmallCNN"),
+    ({"SmallCNN": "features.0"}, "must be the output nn.Linear"),
+    ({"SmallCNN": "head"}, "no such module"),
+])
+def test_bad_prune_layer_raises(backdoored_checkpoint, layers, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        NC(str(backdoored_checkpoint["path"]), mitigation="prune", prune_layers=layers)

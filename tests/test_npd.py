@@ -1,0 +1,123 @@
+"""NPD: the polarizer starts as the identity, is the only thing that trains, and comes back with the defended
+checkpoint; perturbations stay in the L2 ball; bad settings fail clearly; it runs on every registered backbone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import MitigationDataModule
+from datamodules.loader import TensorImages
+from lightning_modules.backbones import BACKBONES
+from lightning_modules.checkpoint import load_attacked
+from lightning_modules.defenses import NPD, load_defended
+from lightning_modules.defenses.npd import POLARIZER_LAYERS
+
+
+class SmallTests(MitigationDataModule):
+    """D_m as configured, the test sets cut to their first `n_test` images (cheap before/after measurements)."""
+
+    def __init__(self, *args, n_test: int = 32, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_test = n_test
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name in ("clean", "backdoor"):
+            self._sets[name] = TensorImages(*(t[: self.n_test] for t in self._sets[name].tensors))
+
+
+def run_npd(path, tmp_path, epochs: int = 3, spc: int = 3, n_test: int = 32, **kwargs) -> NPD:
+    L.seed_everything(0, verbose=False)
+    kwargs = {"warmup_epochs": 1, **kwargs}
+    model = NPD(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, SmallTests(spc=spc, backdoored=str(path), n_test=n_test, batch_size=16))
+    return model
+
+
+def images(n: int = 8, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def test_polarizer_starts_as_identity(backdoored_checkpoint) -> None:
+    path = str(backdoored_checkpoint["path"])
+    model = NPD(path).eval()
+    original = load_attacked(path).classifier.eval()
+    conv, bn = model.polarizer
+    assert torch.equal(conv.weight.flatten(1), torch.eye(conv.in_channels))
+    # equal up to the BN's 1 / sqrt(1 + eps) = 1 - 5e-6 (default running statistics)
+    torch.testing.assert_close(model(images()), original(images()), rtol=1e-4, atol=1e-4)
+    assert model.polarizer[0].in_channels == dict(model.net.named_modules())["features.14"].in_channels
+
+
+def test_only_the_polarizer_trains_and_the_checkpoint_restores_it(backdoored_checkpoint, tmp_path) -> None:
+    path = str(backdoored_checkpoint["path"])
+    model = run_npd(path, tmp_path)
+    assert [e["phase"] for e in model.info()["epochs"]] == ["warmup", "npd", "npd"]
+    original = load_attacked(path).net.state_dict()
+    defended = model.net.state_dict()
+    assert defended.keys() == original.keys()  # the net's own names are unchanged
+    for key, value in original.items():
+        assert torch.equal(defended[key], value), key
+    fresh = NPD(path).polarizer.state_dict()
+    changed = [k for k, v in model.polarizer.state_dict().items() if not torch.equal(v, fresh[k])]
+    assert {"0.weight", "1.weight", "1.bias", "1.running_mean"} <= set(changed)
+
+    reloaded = load_defended(tmp_path / "checkpoints" / "last.ckpt")
+    for key, value in model.polarizer.state_dict().items():
+        assert torch.equal(reloaded.polarizer.state_dict()[key], value), key
+    x = images()
+    torch.testing.assert_close(reloaded(x), model.eval()(x))
+    assert not torch.allclose(reloaded(x), load_attacked(path).classifier.eval()(x))  # the polarizer acts
+
+
+@pytest.mark.parametrize("radius,signed", [(3.0, True), (0.5, True), (5.0, False)])
+def test_perturbation_stays_in_the_l2_ball(backdoored_checkpoint, radius, signed) -> None:
+    model = NPD(str(backdoored_checkpoint["path"]), radius=radius, signed_steps=signed,
+                attack_step_size=0.1 if signed else 500.0).eval()
+    x = images(16).float() / 255
+    target = (model(x).argmax(1) + 1) % 10
+    x_adv = model.perturb(x, target)
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (norms <= radius * (1 + 1e-5)).all() and (norms > 0.1 * radius).all()
+    # a signed step of 0.1 (norm 5.5 at 32 px) is scaled onto the sphere; the clamp to [0, 1] only shortens it
+    if signed:
+        assert norms.max() > 0.5 * radius
+
+
+def test_stop_once_the_batch_hits_the_target(backdoored_checkpoint) -> None:
+    model = NPD(str(backdoored_checkpoint["path"]), attack_steps=2).eval()
+    x = images(16).float() / 255
+    one = NPD(str(backdoored_checkpoint["path"]), attack_steps=1).eval()
+    one.polarizer.load_state_dict(model.polarizer.state_dict())
+    target = model(x).argmax(1)  # already hit by every image: the second step must not move
+    torch.testing.assert_close(model.perturb(x, target), one.perturb(x, target))
+
+
+@pytest.mark.parametrize("bad", [{"radius": -1.0}, {"lr": 0.0}, {"warmup_lr": -1e-4}, {"attack_steps": 0},
+                                 {"stop_fraction": 1.5}, {"loss_weights": (1.0, -0.4, 0.4, 0.4)},
+                                 {"layers": {"VGG19BN": "features.49"}}, {"layers": {"SmallCNN": "features.15"}},
+                                 {"layers": {"SmallCNN": "no.such"}}])
+def test_bad_settings(backdoored_checkpoint, bad) -> None:
+    with pytest.raises(ValueError, match="NPD|SmallCNN"):
+        NPD(str(backdoored_checkpoint["path"]), **bad)
+
+
+def test_max_epochs_must_exceed_warmup(backdoored_checkpoint, tmp_path) -> None:
+    with pytest.raises(ValueError, match="warm-up"):
+        run_npd(backdoored_checkpoint["path"], tmp_path, epochs=2, warmup_epochs=2)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
+    path = backbone_checkpoint(name)
+    model = run_npd(path, tmp_path, epochs=2, spc=1, n_test=8, save_defended=False)
+    target = dict(model.net.named_modules())[model.info()["layer"]]
+    assert model.info()["layer"] == POLARIZER_LAYERS[type(model.net).__name__]
+    assert model.polarizer[0].in_channels == target.in_channels
+    assert not any(p.requires_grad for p in model.net.parameters())
+    assert 0 <= model.result["after"]["acc"] <= 1 and model.info()["epochs"][-1]["phase"] == "npd"

@@ -1,0 +1,135 @@
+"""PBE: the PGD examples stay in the per-channel pixel budget converted from normalised space; adversarial and
+clean epochs alternate, each with a fresh optimiser; bad settings fail clearly; it runs on every backbone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules import MitigationDataModule
+from datamodules.loader import TensorImages
+from lightning_modules.backbones import BACKBONES
+from lightning_modules.defenses import PBE
+
+
+class SmallTests(MitigationDataModule):
+    """D_m as configured, the test sets cut to their first `n_test` images (cheap before/after measurements)."""
+
+    def __init__(self, *args, n_test: int = 32, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_test = n_test
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name in ("clean", "backdoor"):
+            self._sets[name] = TensorImages(*(t[: self.n_test] for t in self._sets[name].tensors))
+
+
+def run_pbe(path, tmp_path, epochs: int = 3, spc: int = 3, n_test: int = 32, callbacks=(), **kwargs) -> PBE:
+    L.seed_everything(0, verbose=False)
+    model = PBE(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=list(callbacks))
+    trainer.fit(model, SmallTests(spc=spc, backdoored=str(path), n_test=n_test, batch_size=16))
+    return model
+
+
+def pixels(n: int = 16, size: int = 32) -> torch.Tensor:
+    """Mid-range pixels (0.25..0.75), so the [0, 1] clamp never shortens a step."""
+    g = torch.Generator().manual_seed(0)
+    return 0.25 + 0.5 * torch.rand(n, 3, size, size, generator=g)
+
+
+DIGITS_STD, DIGITS_MEAN = 0.3241, 0.3059
+
+
+@pytest.mark.parametrize("eps,space,expected", [(0.02, "normalized", 0.02 * DIGITS_STD), (6 / 255, "pixel", 6 / 255)])
+def test_perturbation_stays_in_the_pixel_budget(backdoored_checkpoint, eps, space, expected) -> None:
+    model = PBE(str(backdoored_checkpoint["path"]), eps=eps, eps_space=space)
+    assert model.info()["pixel_eps"] == pytest.approx([expected] * 3)
+    assert model.info()["pixel_step"] == pytest.approx([expected / 5] * 3)
+    x = pixels()
+    y = model.eval()(x).argmax(1)
+    model.train()
+    x_adv = model.perturb(x, y)
+    assert model.net.training  # the attack runs in eval mode and restores the mode
+    delta = (x_adv - x).abs()
+    assert delta.max() <= expected * (1 + 1e-5)
+    # signed steps drive many pixels to the boundary (a uniform start alone puts 1% there)
+    assert (delta >= 0.99 * expected).float().mean() > 0.3
+    with torch.no_grad():
+        model.eval()
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.01  # ascent, untargeted
+
+
+def test_clamp_to_valid_pixels_and_the_forks_normalised_clamp(backdoored_checkpoint) -> None:
+    path = str(backdoored_checkpoint["path"])
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(16) % 10
+    x_adv = PBE(path, eps=0.5, eps_space="pixel").perturb(x, y)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and (x_adv - x).abs().max() <= 0.5 + 1e-6
+    # the fork clamps x + delta to [0, 1] in normalised space: pixels in [mean, mean + std]
+    fork = PBE(path, eps=0.5, eps_space="pixel", clamp="normalized").perturb(x, y)
+    assert fork.min() >= DIGITS_MEAN - 1e-4 and fork.max() <= DIGITS_MEAN + DIGITS_STD + 1e-4
+
+
+class Spy(L.Callback):
+    """Per epoch: how many batches were perturbed, and the optimiser's state size at the first batch."""
+
+    def __init__(self) -> None:
+        self.perturbed: dict[int, int] = {}
+        self.state_at_start: dict[int, int] = {}
+        self.state_at_end: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.state_at_start[trainer.current_epoch] = len(module.optimizers().optimizer.state)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.state_at_end[trainer.current_epoch] = len(module.optimizers().optimizer.state)
+
+
+def test_phases_alternate_with_a_fresh_optimiser(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+    spy = Spy()
+    calls: list[int] = []
+    original = PBE.perturb
+
+    def counting(self, x, y):
+        calls.append(self.current_epoch)
+        return original(self, x, y)
+
+    monkeypatch.setattr(PBE, "perturb", counting)
+    model = run_pbe(backdoored_checkpoint["path"], tmp_path, epochs=4, callbacks=[spy])
+    epochs = model.info()["epochs"]
+    assert [e["phase"] for e in epochs] == ["adversarial", "clean", "adversarial", "clean"]
+    assert sorted(set(calls)) == [0, 2] and calls.count(0) == 2  # 30 images, batch 16: 2 batches per epoch
+    assert all("adv_top_class_share" in e for e in epochs[::2]) and not any("adv_top_class" in e for e in epochs[1::2])
+    assert spy.state_at_start == {0: 0, 1: 0, 2: 0, 3: 0}  # momentum is not carried across phases
+    assert all(n > 0 for n in spy.state_at_end.values())
+    assert 0 <= model.info()["dm_acc_after"] <= 1
+
+
+def test_training_augmentation_is_used(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr("datamodules.transforms.BatchAugment.forward", lambda self, x: calls.append(1) or x)
+    run_pbe(backdoored_checkpoint["path"], tmp_path, epochs=2, save_defended=False)
+    assert len(calls) == 4  # every training batch of both phases
+
+
+@pytest.mark.parametrize("bad", [{"eps": -0.02}, {"eps": float("nan")}, {"attack_steps": 0}, {"step_divisor": 0.0},
+                                 {"lr": 0.0}, {"momentum": 1.0}, {"weight_decay": -1.0}, {"eps_space": "logit"},
+                                 {"clamp": "none"}])
+def test_bad_settings(backdoored_checkpoint, bad) -> None:
+    with pytest.raises(ValueError, match="PBE"):
+        PBE(str(backdoored_checkpoint["path"]), **bad)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
+    model = run_pbe(backbone_checkpoint(name), tmp_path, epochs=2, spc=1, n_test=8, save_defended=False,
+                    attack_steps=1)
+    assert [e["phase"] for e in model.info()["epochs"]] == ["adversarial", "clean"]
+    assert 0 <= model.result["after"]["acc"] <= 1

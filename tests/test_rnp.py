@@ -1,0 +1,147 @@
+"""RNP: masks in [0, 1]; the threshold rule reads D_m only; the pruning lands on the original weights and
+survives a reload; bad settings fail clearly; it builds and runs on every registered backbone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import MitigationDataModule
+from datamodules.loader import TensorImages
+from lightning_modules.backbones import BACKBONES
+from lightning_modules.checkpoint import load_attacked
+from lightning_modules.defenses import RNP, load_defended
+from lightning_modules.defenses.pruning import bn_layers
+from lightning_modules.defenses.rnp import scan_threshold
+
+
+class SmallTests(MitigationDataModule):
+    """D_m as configured; the test sets cut to `n_test` images, or replaced by noise (`noise_tests`)."""
+
+    def __init__(self, *args, n_test: int = 32, noise_tests: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_test, self.noise_tests = n_test, noise_tests
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        gen = torch.Generator().manual_seed(1)
+        for name in ("clean", "backdoor"):
+            tensors = [t[: self.n_test] for t in self._sets[name].tensors]
+            if self.noise_tests:
+                tensors[0] = torch.randint(0, 256, tensors[0].shape, generator=gen, dtype=torch.uint8)
+                tensors[1:] = [torch.randint(0, 10, t.shape, generator=gen) for t in tensors[1:]]
+            self._sets[name] = TensorImages(*tensors)
+
+
+def run_rnp(path, tmp_path, epochs: int = 2, spc: int = 5, n_test: int = 32, noise_tests: bool = False,
+            **kwargs) -> RNP:
+    L.seed_everything(0, verbose=False)
+    kwargs = {"unlearn_epochs": 2, **kwargs}
+    model = RNP(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
+    data = SmallTests(spc=spc, backdoored=str(path), n_test=n_test, noise_tests=noise_tests, batch_size=64)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    return model
+
+
+def test_scan_stops_before_the_accuracy_drop() -> None:
+    masks = torch.tensor([0.0, 0.05, 0.3, 0.5, 0.9])
+    # pruning neuron 3 (mask 0.5) costs 5 points; the others cost nothing
+    def accuracy(pruned: torch.Tensor) -> float:
+        return 0.90 - 0.05 * float(pruned[3])
+
+    chosen, history = scan_threshold(masks, accuracy, base=0.90, step=0.02, max_drop=0.02)
+    assert chosen == pytest.approx(0.50)  # 0.50 prunes masks < 0.5; 0.52 would prune neuron 3
+    assert history[-1]["threshold"] == pytest.approx(0.52) and history[-1]["pruned"] == 4
+    chosen, history = scan_threshold(masks, accuracy, base=0.90, step=0.02, max_drop=0.05)
+    assert chosen == pytest.approx(0.98) and len(history) == 50  # 0, 0.02, ..., 0.98: never fails
+
+
+def test_masks_and_pruning_of_the_original_weights(backdoored_checkpoint, tmp_path) -> None:
+    # a strong ascent (lr 0.1) unlearns within the budget, so recovery has work to do; max_acc_drop 1: the scan
+    # runs to the last threshold, so every mask below 0.98 is pruned
+    model = run_rnp(backdoored_checkpoint["path"], tmp_path, unlearn_lr=0.1, unlearn_epochs=5, max_acc_drop=1.0)
+    info = model.info()
+    masks = torch.cat([m.detach() for m in model.masks.values()])
+    assert info["unlearn"]["reached_stop_acc"] and info["unlearn"]["epochs"] < 5  # stopped at D_m acc <= 0.2
+    assert info["unlearn"]["dm_acc"][-1] <= 0.2 < min(info["unlearn"]["dm_acc"][:-1], default=1.0)
+    assert len(masks) == info["neurons_total"]
+    assert masks.min() >= 0 and masks.max() <= 1 and masks.min() < 1  # recovery moved them, within [0, 1]
+    assert info["threshold"] == pytest.approx(0.98) and len(info["scan"]) == 50
+    expected = {n: (m < 0.98).nonzero().flatten() for n, m in model.masks.items()}
+    assert info["pruned_total"] == sum(len(i) for i in expected.values()) > 0
+
+    # only the pruned BN weights differ from the *original* weights (the unlearned ones moved everywhere,
+    # BN running statistics included)
+    original = load_attacked(str(backdoored_checkpoint["path"])).net.state_dict()
+    defended = model.net.state_dict()
+    for key, value in original.items():
+        layer, _, kind = key.rpartition(".")
+        if layer in expected and kind == "weight":
+            keep = torch.ones_like(value, dtype=torch.bool)
+            keep[expected[layer]] = False
+            assert torch.equal(defended[key][keep], value[keep]), key
+            assert (defended[key][expected[layer]] == 0).all(), key
+        else:
+            assert torch.equal(defended[key], value), key
+
+    # the defended checkpoint restores the pruning
+    model.trainer.save_checkpoint(tmp_path / "defended.ckpt")
+    reloaded = load_defended(tmp_path / "defended.ckpt")
+    modules = dict(reloaded.net.named_modules())
+    for layer, idx in expected.items():
+        assert (modules[layer].weight[idx] == 0).all()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(reloaded(x), model.eval()(x))
+
+
+def test_threshold_uses_only_mitigation_data(backdoored_checkpoint, tmp_path) -> None:
+    path = backdoored_checkpoint["path"]
+    a = run_rnp(path, tmp_path / "a", unlearn_lr=0.1, max_acc_drop=0.05)
+    b = run_rnp(path, tmp_path / "b", unlearn_lr=0.1, max_acc_drop=0.05, noise_tests=True)
+    assert 0 < a.info()["threshold"] < 0.98  # the rule stopped the scan: a real choice
+    assert a.result["before"] != b.result["before"]  # the test sets did change
+    for key in ("threshold", "scan", "pruned_per_layer", "unlearn", "dm_acc_unpruned"):
+        assert a.info()[key] == b.info()[key], key
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name])
+    for key, value in a.net.state_dict().items():
+        assert torch.equal(value, b.net.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("unlearn_masks", [False, True])
+def test_masks_during_unlearning(backdoored_checkpoint, tmp_path, unlearn_masks) -> None:
+    # no recovery epoch: the masks are what unlearning left (the fork trains them there; the original has none)
+    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=0, unlearn_lr=0.1, unlearn_masks=unlearn_masks,
+                    selection="fixed", save_defended=False)
+    masks = torch.cat([m.detach() for m in model.masks.values()])
+    assert masks.min() >= 0 and masks.max() <= 1
+    assert bool((masks == 1).all()) is not unlearn_masks
+
+
+def test_fixed_threshold(backdoored_checkpoint, tmp_path) -> None:
+    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=1, selection="fixed", fixed_threshold=0.9)
+    flat = torch.cat([m.detach() for m in model.masks.values()])
+    assert model.info()["threshold"] == 0.9 and model.info()["scan"] == []
+    assert model.info()["pruned_total"] == int((flat < 0.9).sum())
+
+
+@pytest.mark.parametrize("bad", [{"unlearn_lr": -1e-3}, {"recover_lr": 0.0}, {"max_acc_drop": 1.5},
+                                 {"fixed_threshold": -0.1}, {"threshold_step": 0.0}, {"unlearn_stop_acc": 2.0},
+                                 {"unlearn_momentum": 1.0}, {"selection": "best"}])
+def test_bad_settings(backdoored_checkpoint, bad) -> None:
+    with pytest.raises(ValueError, match="RNP"):
+        RNP(str(backdoored_checkpoint["path"]), **bad)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
+    path = backbone_checkpoint(name)
+    model = run_rnp(path, tmp_path, epochs=1, spc=1, n_test=8, unlearn_epochs=1, threshold_step=0.25,
+                    save_defended=False)
+    assert [n for n, _ in bn_layers(model.net)] == list(model.masks)
+    masks = torch.cat([m.detach() for m in model.masks.values()])
+    assert masks.min() >= 0 and masks.max() <= 1
+    assert 0 <= model.result["after"]["acc"] <= 1 and model.info()["unlearn"]["epochs"] == 1
