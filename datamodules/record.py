@@ -6,7 +6,8 @@
     "data": {"dataset", "data_dir", "spec"},            # DataSpec as a dict (normalisation, augmentation)
     "attack": None | {"name", "trigger": {"class_path", "init_args", "state"}, "target", "mode",
                       "poison_ratio", "poison_seed", "clean_label", "training_controlled",
-                      "poison_indices": int64 tensor (empty for training-controlled attacks), ...},
+                      "poison_indices": int64 tensor (None, like poison_seed, for training-controlled
+                      attacks, which poison inside training_step), ...},
 }
 Everything is plain Python or tensors, so `torch.load(..., weights_only=True)` reads it.
 """

@@ -192,3 +192,14 @@ def test_poisoning_learns_the_backdoor(tmp_path) -> None:
     metrics = trainer.test(model, data, verbose=False)
     merged = {k: v for d in metrics for k, v in d.items()}
     assert merged["test/acc"] > 0.9 and merged["test/asr"] > 0.85, merged
+
+
+def test_generated_pattern_must_match_the_run() -> None:
+    """A pattern generated toward one dataset's target class is refused for another dataset or target."""
+    trigger = LowFrequency(generate=TINY)
+    trigger.check_run("digits", 0)
+    with pytest.raises(ValueError, match="dataset 'digits'.*'cifar10'.*generate.dataset cifar10"):
+        trigger.check_run("cifar10", 0)
+    with pytest.raises(ValueError, match="target 0.*generate.target 3"):
+        trigger.check_run("digits", 3)
+    LowFrequency(example_pattern_file()).check_run("cifar10", 3)  # a file: the user's responsibility

@@ -83,6 +83,35 @@ def test_badnets_picture_equals_reference_patch(shared_data) -> None:
     assert torch.equal(picture(x), BadNets()(x))
 
 
+def test_badnets_picture_travels_in_the_record(tmp_path) -> None:
+    """A trigger picture is resized bilinearly (the reference's 64 px ramp) and resolved by `fit`, so the record
+    holds its pixels: the run rebuilds without the file."""
+    picture = np.zeros((32, 32, 3), dtype=np.uint8)
+    picture[29:, 29:] = 255
+    path = tmp_path / "patch.png"
+    Image.fromarray(picture).save(path)
+    trigger = BadNets(image=str(path))
+    x64 = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    trigger.fit(x64, torch.zeros(2))
+    record = trigger.record()
+    path.unlink()
+    rebuilt = build_trigger(record)
+    out = rebuilt(x64)
+    assert torch.equal(out, trigger(x64))
+    assert (out[:, :, 59:, 59:] == 255).all(), "the 5x5 white core at 64 px"
+    changed = (out[0] != 0).any(0)
+    assert changed[57:, 57:].all() and changed.sum() == 49, "plus the 2 px grey ramp: 7x7 pixels replaced"
+
+
+def test_blended_fit_records_the_picture(tmp_path) -> None:
+    """Poisoned sets may come from the cache (no trigger call): `fit` alone must put the picture in the record."""
+    path = tmp_path / "t.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
+    trigger = Blended(image=str(path))
+    trigger.fit(images(1), torch.zeros(1))
+    assert list(trigger.record()["state"]["_extra_state"]) == ["3x32x32"]
+
+
 def test_apply_badnets_is_where() -> None:
     x = images(2)
     pattern = torch.full((3, 32, 32), 7, dtype=torch.uint8)

@@ -4,10 +4,14 @@ Default as in BackdoorBench: a 3x3 white (255) square in the bottom-right corner
 columns 29..31). `patch_size=None` scales the square with the image (3 px per 32 px: 6x6 at 64x64, where the
 reference resizes its trigger picture to a 5x5 core plus a grey ramp). `image` takes a trigger picture
 like BackdoorBench's `resource/badnet/trigger_image.png` instead: it is resized to the image size
-(nearest) and every nonzero pixel replaces the image pixel. Cost: one `torch.where` per batch.
+bilinearly, as the reference does (its 32x32 picture becomes a 5x5 white core with a 2 px grey ramp at 64x64),
+and every nonzero pixel replaces the image pixel; the resolved picture travels in the checkpoint (extra state),
+so a run can be evaluated without the file. Cost: one `torch.where` per batch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,10 +79,25 @@ class BadNets(Trigger):
         check_images(x)
         return apply_badnets(x, *self.pattern_and_mask(tuple(x.shape[1:])))
 
+    def fit(self, x_train: Tensor, y_train: Tensor) -> None:
+        # resolve a picture at the run's image size before the DataModule hashes `record()` and the
+        # checkpoint stores it (also when the poisoned set comes from the cache)
+        if self.image is not None:
+            self.pattern_and_mask(tuple(x_train.shape[1:]))
+
+    def get_extra_state(self) -> Any:
+        if self.image is None:  # the square is rebuilt from the arguments
+            return {}
+        return {"x".join(map(str, k)): v.cpu() for k, (v, _) in self._cache.items()}
+
+    def set_extra_state(self, state: Any) -> None:
+        for key, pattern in (state or {}).items():
+            self._cache[tuple(int(v) for v in key.split("x"))] = (pattern, pattern != 0)
+
 
 def _picture_patch(path: str, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
     channels, height, width = shape
     with Image.open(path) as img:
-        img = img.convert("RGB").resize((width, height), Image.NEAREST)
+        img = img.convert("RGB").resize((width, height), Image.BILINEAR)
         arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[:channels]
     return arr.contiguous(), arr != 0

@@ -31,6 +31,10 @@ class Trigger(nn.Module):
         rebuilt from a record (its state is then already learned). A no-op for fixed triggers; SSBA trains its
         encoder here, so a trigger never needs to load the dataset by name."""
 
+    def check_run(self, dataset: str, target: int) -> None:
+        """Raise if this trigger was configured for another run (dataset name, target class); called by
+        `BackdoorDataModule.setup` before `fit`. A no-op for triggers that do not depend on them."""
+
     def config(self) -> dict[str, Any]:
         """{'class_path', 'init_args'} that rebuild this trigger (state aside)."""
         params = inspect.signature(type(self).__init__).parameters

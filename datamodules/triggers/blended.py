@@ -60,6 +60,11 @@ class Blended(Trigger):
         check_images(x)
         return apply_blended(x, self.pattern(tuple(x.shape[1:])), self.alpha)
 
+    def fit(self, x_train: Tensor, y_train: Tensor) -> None:
+        # resolve the picture at the run's image size now: the DataModule hashes `record()` (with this state)
+        # for its cache key and the checkpoint stores it, even when the poisoned set comes from the cache
+        self.pattern(tuple(x_train.shape[1:]))
+
     # The resolved picture travels with checkpoints, so a run can be evaluated without the image file.
     def get_extra_state(self) -> Any:
         return {k: v.cpu() for k, v in self._patterns.items()} if self.image is not None else {}

@@ -118,6 +118,17 @@ class LowFrequency(Trigger):
                 self.info = {k: v for k, v in out.items() if k != "pattern"}
         return self._pattern
 
+    def check_run(self, dataset: str, target: int) -> None:
+        """A generated pattern is a universal perturbation toward `generate.target` on `generate.dataset`:
+        poisoning another dataset or target with it would silently mean a different attack."""
+        if self.generate is None:
+            return
+        for what, have, want in (("dataset", self.generate["dataset"], dataset), ("target", self.generate["target"], target)):
+            if have != want:
+                raise ValueError(
+                    f"LF generates its pattern for {what} {have!r}, but this run's {what} is {want!r}: set "
+                    f"--data.init_args.trigger.init_args.generate.{what} {want} (configs/attack/lf.yaml is set for digits)")
+
     def fit(self, x_train: Tensor, y_train: Tensor) -> None:
         """The `Trigger.fit` hook: read or generate the pattern now, before the DataModule poisons. Generation
         still loads `generate.dataset` itself: it also needs that dataset's normalisation and the target."""

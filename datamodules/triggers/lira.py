@@ -102,5 +102,7 @@ class LIRA(Trigger):
 
     def forward(self, x: Tensor) -> Tensor:
         check_images(x)
-        with torch.no_grad():
+        # fp32 whatever the Trainer's precision: the backdoor set evaluated under bf16-mixed must be the one a
+        # defense rebuilds from the record (in fp32)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             return to_uint8(self.perturb(x.float() / 255.0) * 255.0)

@@ -163,8 +163,8 @@ class Defense(ImageClassifier):
             self.trainer.save_checkpoint(self.checkpoint_dir() / "last.ckpt")
         if self.trainer.is_global_zero:
             write_json(self.result_path(), self.result)
-            if self.logger is not None:
-                self.logger.log_metrics(flat_metrics(self.result))
+            for logger in self.loggers:  # every one: the grid runner puts a CSVLogger before W&B
+                logger.log_metrics(flat_metrics(self.result))
             b, a = self.result["before"], self.result["after"]
             rank_zero_info(
                 f"{type(self).__name__}: ACC {b['acc']:.4f} -> {a['acc']:.4f}, ASR {b['asr']:.4f} -> {a['asr']:.4f}, "

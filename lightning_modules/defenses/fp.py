@@ -17,7 +17,8 @@ plain backbone, loadable as such. During fine-tuning the gradient of the pruned 
 each optimizer step, so their weight-decay term (wd * 0) and momentum stay exactly 0, and the columns are
 multiplied by the mask again after each step (a guard should an optimiser ever move a zero-gradient
 weight). The mask itself is a persistent buffer `pruned` created in `__init__` with its final shape, so a
-reloaded (or resumed) module still knows and enforces it; it is bookkeeping, `forward` does not read it.
+reloaded module still knows and enforces it (resuming a defense run is not supported: `prepare` would rank
+the already fine-tuned network again); it is bookkeeping, `forward` does not read it.
 
 Differences from the reference (BackdoorBench's fp.py as run by the survey's fork):
 - The stop is decided on D_v only. The reference compares *test* accuracy (an oracle, protocol.md).

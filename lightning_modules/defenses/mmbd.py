@@ -12,7 +12,8 @@ the initial one minus 0.05 (absolute), else divided by 1.2. Adam lr 1e-3, 50 epo
 Bounded layers (`layers[<backbone>]`: module types, minus modules under the excluded prefixes), as in the
 survey's fork: PreActResNet18 every BN output (the ReLU after each BN is functional there, so the BN output
 is bounded and the ReLU follows: relu(min(x, B)) = min(relu(x), relu(B)), the same as bounding the ReLU,
-which is what the fork's relu-then-clamp hook computes); VGG19BN every ReLU except the two of the classifier;
+which is what the fork's relu-then-clamp hook computes, as long as B >= 0; a bound that the norm penalty drives
+below 0 on a channel dead on D_m gives 0 here, where the fork's min(relu(x), B) would give the constant B); VGG19BN every ReLU except the two of the classifier;
 EfficientNetB3 every SiLU (SE blocks included); MobileNetV3Large every Hardswish except the classifier's
 *and every ReLU* (SE blocks included): the fork meant to bound its ReLUs but an exhausted generator skipped
 them, which left features.1-6, the early ReLU-only blocks where a patch trigger first shows up, unbounded;
@@ -32,7 +33,7 @@ the end-of-epoch D_m accuracy without augmentation (the fork: the running traini
 augmented batches, with B changing); MobileNetV3 ReLUs are bounded (above). The original MM-BD bounds only
 the outputs of the stem, layer1 and layer2, from 8, with Adam lr 0.1, batch 200, 50 correctly classified
 images per class and lambda adapted at epochs 20/30/40 on accuracy >= 95%. At these defaults a D_m of at
-most 256 images (SPC 10 on CIFAR-10 or GTSRB) gets one Adam step per epoch, so a bound moves by at most about
+most 256 images (CIFAR-10 at SPC <= 25, GTSRB at SPC <= 5) gets one Adam step per epoch, so a bound moves by at most about
 50 * 1e-3 = 0.05 from its initial value: most of the effect is the initial per-channel cap at the layer's
 clean maximum (quickstart model: ASR 0.96 -> 0.91 at ACC 0.986 unchanged; with lr 0.1, ASR 0.04 but ACC 0.19).
 

@@ -133,7 +133,7 @@ class NAD(Defense):
         size = self.spec.image_size
         try:
             with capture(self.net, list(self.betas)) as store:
-                self.net(torch.zeros(1, 3, size, size))
+                self.net(torch.zeros(1, len(self.spec.mean), size, size))
         except KeyError as err:
             raise ValueError(f"NAD: {err.args[0]}; fix layers in {config}") from err
         finally:

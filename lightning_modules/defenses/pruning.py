@@ -3,7 +3,8 @@
 A "neuron" is a channel of a BatchNorm2d layer. Pruning zeroes that channel's BN weight (and bias, as the
 survey's fork does), so the channel outputs exactly 0 and the pruning lives in the weights: it survives
 saving and reloading with no extra state. Soft masks (ANP, AWM, RNP) are applied functionally with
-`masked_forward`, which scales BN weights and biases for one forward pass without touching the module.
+`masked_forward`, which scales BN weights (and, for ANP's noise, biases) for one forward pass without
+touching the module.
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ class RNP(Defense):
         h = self.hparams
         self._work.clear()
         names = list(self.masks)
-        flat = torch.cat([self.masks[n].detach().float() for n in names])
+        # the masks are plain tensors that DDP does not sync: every process prunes rank 0's masks
+        flat = self.trainer.strategy.broadcast(torch.cat([self.masks[n].detach().float() for n in names]), src=0)
         sizes = [self.masks[n].numel() for n in names]
         x, y = self.mitigation_data("train")
         base = self.accuracy(x, y)
