@@ -5,7 +5,7 @@
     python grid.py count configs/grids/survey.yaml                    # how many runs the grid expands to
     python grid.py sweep configs/grids/survey.yaml                    # W&B sweep YAMLs (sub-sweeps)
     python grid.py one configs/grids/survey.yaml --run <key>          # one run (what sweep agents execute)
-    python grid.py report runs/grids/quickstart                       # results table + figures + summary
+    python grid.py report runs/                                       # every grid under runs/: tables + figures
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from experiments.grid import Grid
+from experiments.sweeps import DEFAULT_MAX_RUNS
 
 
 def cmd_count(args: argparse.Namespace) -> None:
@@ -32,7 +33,11 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     grid = Grid.load(args.grid)
     devices = ["cpu"] if args.devices == "cpu" else args.devices.split(",")
-    summary = run_grid(grid, devices, args.jobs_per_device, args.wandb_project, progress=not args.quiet)
+    try:
+        summary = run_grid(grid, devices, args.jobs_per_device, args.wandb_project, progress=not args.quiet)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM (experiments/runner.py)
+        print(f"{grid.name}: interrupted ({err or 'SIGINT'}); finished runs are kept, the same command resumes")
+        sys.exit(130)
     failures = summary["failures"]
     print(f"{grid.name}: {summary['attacks']} attacked models, {summary['defenses']} defense runs, "
           f"{len(failures)} failed; results under {grid.runs_dir}")
@@ -86,27 +91,25 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     grid = Grid.load(args.grid)
     out = Path(args.out or grid.runs_dir / "sweeps")
     paths = write_sweeps(grid, args.grid, out, args.max_runs)
-    print(f"wrote {len(paths)} sweep configs to {out}. Start each with `wandb sweep --project <project> <file>` "
-          f"(the attack sweeps first, or let defense runs train missing models), then run agents: "
-          f"`wandb agent --count 1 <entity>/<project>/<sweep id>` per job")
+    print(f"wrote {len(paths)} sweep configs and launch.sh to {out}. `bash {out / 'launch.sh'} <project>` creates "
+          f"the sweeps (attack sweeps first) and prints one agent command per sweep; run it on any number of "
+          f"machines, e.g. `wandb agent --count 1 <entity>/<project>/<sweep id>` per SLURM job")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from experiments.report import write_report
-    from experiments.results import collect, collect_attacks, collect_wandb, save
+    from experiments.results import collect, collect_attacks, collect_wandb, combine, save
 
-    table = collect(args.runs_dir)
+    table = collect(args.runs_dir)  # every grid under runs_dir
     if args.wandb_project:
-        import pandas as pd
-
-        table = pd.concat([table, collect_wandb(args.wandb_project, args.wandb_entity)], ignore_index=True)
+        table = combine(table, collect_wandb(args.wandb_project, args.wandb_entity))
+    attacks = collect_attacks(args.runs_dir)
     out = Path(args.out or Path(args.runs_dir) / "report")
     save(table, out)
-    attacks = collect_attacks(args.runs_dir)
-    if len(attacks):
-        save(attacks, out, "attacks")
-    path = write_report(table, out)
-    print(f"{len(table)} runs -> {path} (and report.html, results.csv)")
+    save(attacks, out, "attacks")
+    path = write_report(table, out, attacks)
+    print(f"{len(table)} defense runs, {len(attacks)} attacked models -> {path} "
+          f"(and report.html, results.csv, attacks.csv)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("sweep", help="write W&B sweep configs for a grid")
     p.add_argument("grid")
     p.add_argument("--out", default=None)
-    p.add_argument("--max-runs", type=int, default=1000, help="keys per sub-sweep")
+    p.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS,
+                   help=f"run keys per sub-sweep (default {DEFAULT_MAX_RUNS})")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="results table, figures and summary from a runs folder")
     p.add_argument("runs_dir")

@@ -23,8 +23,10 @@ A grid file (configs/grids/*.yaml):
     exclude:                             # a run matching every key of an entry is dropped
       - {defense: nc, dataset: [gtsrb, tiny_imagenet]}
 
-Runs are identified by a readable key plus a hash of their arguments, so changing an override makes a new run
-instead of reusing a stale one.
+Runs are identified by a readable key plus a hash of their arguments and of the contents of the config files they
+name, so changing an override or editing a config YAML makes a new run instead of reusing a stale one. Config
+files enter the hash by their path inside the repository, so checkouts in different places (the machines of a
+W&B sweep) agree on every key.
 """
 
 from __future__ import annotations
@@ -32,18 +34,36 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 MATCH_KEYS = {"dataset", "attack", "backbone", "poison_ratio", "seed", "defense", "spc", "split_seed"}
 
 
-def short_hash(args: list[str] | tuple[str, ...]) -> str:
-    return hashlib.sha256(json.dumps(list(args)).encode()).hexdigest()[:8]
+def identity(args: Sequence[str], digests: dict[str, str] | None = None) -> list[str]:
+    """What a run's hash covers: `args`, with the file after each `--config` replaced by its path inside the
+    repository and the sha256 of its contents. `digests` caches the files already read (one per grid)."""
+    digests = {} if digests is None else digests
+    out = []
+    for previous, arg in zip(("", *args), args):
+        if previous == "--config":
+            if arg not in digests:
+                path = Path(arg).resolve()
+                where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+                digests[arg] = f"{where}@sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+            arg = digests[arg]
+        out.append(arg)
+    return out
+
+
+def short_hash(args: Sequence[str], digests: dict[str, str] | None = None) -> str:
+    return hashlib.sha256(json.dumps(identity(args, digests)).encode()).hexdigest()[:8]
 
 
 def config_args(*files: Path) -> list[str]:
@@ -58,10 +78,11 @@ class AttackRun:
     poison_ratio: float
     seed: int
     args: tuple[str, ...]
+    digest: str  # short_hash(args): the arguments and the contents of their config files
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}-{self.attack}-{self.backbone}-p{self.poison_ratio:g}-s{self.seed}-{short_hash(self.args)}"
+        return f"{self.dataset}-{self.attack}-{self.backbone}-p{self.poison_ratio:g}-s{self.seed}-{self.digest}"
 
     def fields(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "attack": self.attack, "backbone": self.backbone,
@@ -75,10 +96,11 @@ class DefenseRun:
     spc: int
     split_seed: int
     args: tuple[str, ...]  # without the attacked checkpoint, which the runner adds
+    digest: str  # short_hash(args)
 
     @property
     def key(self) -> str:
-        return f"{self.defense}-spc{self.spc}-seed{self.split_seed}-{short_hash(self.args)}"
+        return f"{self.defense}-spc{self.spc}-seed{self.split_seed}-{self.digest}"
 
     def fields(self) -> dict[str, Any]:
         return {**self.attack.fields(), "defense": self.defense, "spc": self.spc, "split_seed": self.split_seed}
@@ -93,6 +115,7 @@ class Grid:
     defenses: dict[str, Any] = field(default_factory=dict)
     exclude: list[dict[str, Any]] = field(default_factory=list)
     source: Path | None = None
+    digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # see identity()
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
@@ -147,7 +170,8 @@ class Grid:
                     "--data.init_args.poison_ratio", str(ratio), "--data.init_args.data_dir", self.data_dir,
                     "--seed_everything", str(seed), *map(str, a.get("args", [])),
                     *map(str, a.get("per_attack_args", {}).get(attack, []))]
-            run = AttackRun(dataset, attack, backbone, float(ratio), int(seed), tuple(args))
+            run = AttackRun(dataset, attack, backbone, float(ratio), int(seed), tuple(args),
+                            short_hash(args, self.digests))
             if not self.excluded(run.fields()):
                 runs.append(run)
         return runs
@@ -165,7 +189,7 @@ class Grid:
                                          CONFIGS / "defense" / attack.dataset / f"{defense}.yaml"),
                             "--data.spc", str(spc), "--data.split_seed", str(seed), "--seed_everything", str(seed),
                             *map(str, d.get("args", [])), *map(str, d.get("per_defense_args", {}).get(defense, []))]
-                    run = DefenseRun(attack, defense, int(spc), int(seed), tuple(args))
+                    run = DefenseRun(attack, defense, int(spc), int(seed), tuple(args), short_hash(args, self.digests))
                     if not self.excluded(run.fields()):
                         runs.append(run)
         return runs

@@ -3,7 +3,8 @@
 Fig. 6: box plots of ASR, RDR and ARR per defense. Fig. 7: median RDR and ARR against median ASR per defense,
 with the rectangles spanned by FP's and FT's medians (a method inside both beats both baselines). Figs. 8-14:
 the same box plots split by SPC, attack, static vs dynamic attack, backbone, dataset and poisoning ratio.
-Summary: median and IQR per defense, and seconds per run. Output: report.md, report.html and PNGs.
+Summary: median and IQR per defense, and seconds per run; the attack table: every attacked model's test ACC / ASR
+/ RA and seconds (always present, and all there is for an attack-only grid). Output: report.md, report.html, PNGs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+
+from experiments.results import ATTACK_COLUMNS  # noqa: E402
 
 PRUNING = ["FP", "BNP", "CLP", "ANP", "AWM", "RNP", "MMBD", "NPD", "NC"]
 FINE_TUNING = ["FT", "FST", "FTSAM", "NAD", "PBE", "IBAU", "SAU", "BCU"]
@@ -107,29 +110,61 @@ def scatter(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_report(table: pd.DataFrame, out_dir: str | Path, title: str = "Backdoor mitigation report") -> Path:
-    """Figures, summary table, report.md and report.html under out_dir; returns report.md's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if table.empty:
-        raise ValueError("the results table is empty: run a grid first (python grid.py run <grid.yaml>)")
-    table = prepared(table)
-    figures = [("Fig. 6: ASR, RDR and ARR per defense", boxplots(table, out / "fig6_boxplots.png",
-                                                                  title="All settings (Fig. 6)")),
-               ("Fig. 7: medians against median ASR", scatter(table, out / "fig7_scatter.png"))]
+def attack_table(attacks: pd.DataFrame) -> pd.DataFrame:
+    """The attacked models, one row each: test ACC / ASR / RA of the attack run and its seconds."""
+    order = ["grid"] * (attacks["grid"].nunique() > 1) + ["dataset", "attack", "backbone", "poison_ratio", "seed"]
+    names = {"poison_ratio": "poison ratio", "acc": "ACC", "asr": "ASR", "ra": "RA"}
+    return attacks.sort_values(order)[[*order, "acc", "asr", "ra", "seconds"]].rename(columns=names)
+
+
+def figures(table: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
+    drawn = [("Fig. 6: ASR, RDR and ARR per defense", boxplots(table, out / "fig6_boxplots.png",
+                                                                title="All settings (Fig. 6)")),
+             ("Fig. 7: medians against median ASR", scatter(table, out / "fig7_scatter.png"))]
     for column, label in SPLITS:
         if table[column].nunique() > 1:
-            figures.append((f"Split by {label}", boxplots(table, out / f"split_{column}.png", column,
-                                                          f"Split by {label}")))
-    table_summary = summary(table)
-    md = [f"# {title}", "", f"{len(table)} defense runs over {table['attack_key'].nunique()} attacked models; "
-          f"{table['method'].nunique()} defenses.", "", "## Summary (median, IQR)", "",
-          table_summary.to_markdown(index=False, floatfmt=".3f"), ""]
-    for caption, path in figures:
-        md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+            drawn.append((f"Split by {label}", boxplots(table, out / f"split_{column}.png", column,
+                                                        f"Split by {label}")))
+    return drawn
+
+
+def write_report(table: pd.DataFrame, out_dir: str | Path, attacks: pd.DataFrame | None = None,
+                 title: str = "Backdoor mitigation report") -> Path:
+    """Figures, the defense summary, the attack table, report.md and report.html under out_dir; returns
+    report.md's path. A grid without defense runs (attacks only) gets the attack table alone."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    attacks = pd.DataFrame(columns=ATTACK_COLUMNS) if attacks is None else attacks
+    if table.empty and attacks.empty:
+        raise ValueError("no finished runs: neither result.json nor attack.json records were found; run a grid "
+                         "first (python grid.py run <grid.yaml>)")
+    md, body = [f"# {title}", ""], [f"<h1>{html.escape(title)}</h1>"]
+    if table.empty:
+        line = "No defense runs (an attack-only grid, or none finished yet)."
+        md += [line, ""]
+        body.append(f"<p>{line}</p>")
+    else:
+        table = prepared(table)
+        drawn = figures(table, out)
+        table_summary = summary(table)
+        line = (f"{len(table)} defense runs over {table['attack_key'].nunique()} attacked models; "
+                f"{table['method'].nunique()} defenses.")
+        md += [line, "", "## Summary (median, IQR)", "", table_summary.to_markdown(index=False, floatfmt=".3f"), ""]
+        body += [f"<p>{html.escape(line)}</p>", "<h2>Summary (median, IQR)</h2>",
+                 table_summary.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
+        for caption, path in drawn:
+            md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+            body.append(f"<h2>{html.escape(caption)}</h2><img src='{path.name}' style='max-width:100%'>")
+    heading = f"Attacked models ({len(attacks)}; test set of each attack run, attacks.csv)"
+    md += [f"## {heading}", ""]
+    body.append(f"<h2>{html.escape(heading)}</h2>")
+    if attacks.empty:
+        md += ["No finished attacked models (attack.json) under this folder.", ""]
+        body.append("<p>No finished attacked models (attack.json) under this folder.</p>")
+    else:
+        rows = attack_table(attacks)
+        md += [rows.to_markdown(index=False, floatfmt=".3f"), ""]
+        body.append(rows.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     (out / "report.md").write_text("\n".join(md))
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{len(table)} defense runs.</p>",
-            table_summary.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
-    body += [f"<h2>{html.escape(c)}</h2><img src='{p.name}' style='max-width:100%'>" for c, p in figures]
     (out / "report.html").write_text("<html><body>" + "\n".join(body) + "</body></html>")
     return out / "report.md"

@@ -61,7 +61,7 @@ def logger_args(run_dir: Path, key: str, group: str, job_type: str, wandb_projec
         loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger",
                         "init_args": {"project": wandb_project, "save_dir": str(run_dir), "name": key,
                                       "group": group, "job_type": job_type},
-                        "dict_kwargs": {"config": {"grid": fields or {}}}})
+                        "dict_kwargs": {"config": {"grid": fields or {}, "run_key": key}}})
     return ["--trainer.logger", json.dumps(loggers), "--trainer.enable_progress_bar", "false"]
 
 

@@ -1,21 +1,26 @@
-"""The grid runner: expansion counts, exclusions, W&B sweep configs, a real kill-and-resume run, the report
-drawn from its results table, and the checkpoint notebook executed on its outputs."""
+"""The grid runner: expansion counts, exclusions, run keys, W&B sweep files, a real run interrupted by SIGTERM and
+by SIGKILL and resumed, the report drawn from its results table (and from several grids, an attack-only one, and
+W&B rows), and the checkpoint notebook executed on its outputs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from experiments.grid import Grid
-from experiments.sweeps import sweep_configs
+import experiments.grid
+from experiments.grid import Grid, identity
+from experiments.sweeps import sweep_configs, write_sweeps
 from tests.conftest import CONFIGS, REPO
 
 SURVEY_DEFENSES = ["fp", "bnp", "clp", "anp", "awm", "rnp", "mmbd", "npd",
@@ -41,12 +46,13 @@ def test_survey_grid_counts() -> None:
 
 
 def test_quickstart_grid_counts() -> None:
+    """2 attacks x (5 defenses x 2 SPC x 2 seeds + CLP once) = 2 x 21 defense runs."""
     grid = Grid.load(CONFIGS / "grids" / "quickstart.yaml")
-    d = grid.defenses
-    once = set(d["once_per_model"])
-    per_model = sum(1 if name in once else len(d["spc"]) * len(d["split_seeds"]) for name in d["defenses"])
+    defenses = grid.defense_runs()
     assert len(grid.attack_runs()) == 2
-    assert len(grid.defense_runs()) == 2 * per_model
+    assert len(defenses) == 42
+    by_defense = {d: sum(r.defense == d for r in defenses) for d in ("ft", "fp", "bnp", "clp", "nad", "ftsam")}
+    assert by_defense == {"ft": 8, "fp": 8, "bnp": 8, "clp": 2, "nad": 8, "ftsam": 8}
 
 
 def write_grid(tmp_path: Path, **overrides) -> Path:
@@ -57,8 +63,10 @@ def write_grid(tmp_path: Path, **overrides) -> Path:
                     "args": ["--trainer.max_epochs", "3", "--model.init_args.backbone.init_args.width", "8",
                              "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                              "--data.init_args.cache_dir", "null"]},
-        "defenses": {"defenses": ["ft"], "spc": [2], "split_seeds": [0, 1, 2],
-                     "args": ["--trainer.max_epochs", "3", "--trainer.enable_model_summary", "false"]},
+        "defenses": {"defenses": ["ft", "clp"], "spc": [2], "split_seeds": [0, 1, 2], "once_per_model": ["clp"],
+                     "args": ["--trainer.enable_model_summary", "false"],
+                     # CLP at u = 1 (3 in the paper) zeroes a few neurons even of this barely trained model
+                     "per_defense_args": {"ft": ["--trainer.max_epochs", "3"], "clp": ["--model.init_args.u", "1"]}},
         "exclude": [],
     }
     spec.update(overrides)
@@ -70,15 +78,44 @@ def write_grid(tmp_path: Path, **overrides) -> Path:
 def test_exclusions_and_once_per_model(tmp_path) -> None:
     path = write_grid(tmp_path, exclude=[{"defense": "ft", "split_seed": [1, 2]}])
     grid = Grid.load(path)
-    assert [r.split_seed for r in grid.defense_runs()] == [0]
+    assert [(r.defense, r.split_seed) for r in grid.defense_runs()] == [("ft", 0), ("clp", 0)]
     spec = yaml.safe_load(path.read_text())
-    spec["defenses"]["once_per_model"] = ["ft"]
+    spec["defenses"]["once_per_model"] = ["ft", "clp"]
     spec["exclude"] = [{"attack": "badnets", "dataset": "digits"}]
     path.write_text(yaml.safe_dump(spec))
     assert Grid.load(path).attack_runs() == []
     spec["exclude"] = []
     path.write_text(yaml.safe_dump(spec))
-    assert len(Grid.load(path).defense_runs()) == 1
+    assert len(Grid.load(path).defense_runs()) == 2
+
+
+def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
+    """Editing a config YAML makes new runs (the key hashes its contents); the file enters the hash by its path
+    inside the repository, so checkouts in other places agree on every key."""
+    ft = str(CONFIGS / "defense" / "ft.yaml")
+    assert identity(["--config", ft, "--data.spc", "2"])[1].startswith("configs/defense/ft.yaml@sha256:")
+    path = write_grid(tmp_path)
+
+    def keys(repo: Path) -> dict[str, str]:
+        monkeypatch.setattr(experiments.grid, "REPO", repo)
+        monkeypatch.setattr(experiments.grid, "CONFIGS", repo / "configs")
+        grid = Grid.load(path)
+        defenses = {f"{r.defense}{r.split_seed}": r.key for r in grid.defense_runs()}
+        return {"attack": grid.attack_runs()[0].key, **defenses}
+
+    clone = tmp_path / "clone"
+    shutil.copytree(CONFIGS, clone / "configs")
+    original = keys(REPO)
+    assert keys(clone) == original, "a checkout elsewhere gives the same keys"
+    ft_yaml = clone / "configs" / "defense" / "ft.yaml"
+    ft_yaml.write_text(ft_yaml.read_text().replace("lr: 0.01", "lr: 0.02"))
+    edited = keys(clone)
+    assert edited["attack"] == original["attack"] and edited["clp0"] == original["clp0"]
+    assert all(edited[f"ft{seed}"] != original[f"ft{seed}"] for seed in range(3))
+    assert edited["ft0"].rpartition("-")[0] == "ft-spc2-seed0", "keys stay readable"
+    model = clone / "configs" / "model" / "small_cnn.yaml"
+    model.write_text(model.read_text() + "# edited\n")
+    assert keys(clone)["attack"] != original["attack"]
 
 
 @pytest.mark.parametrize("change, match", [
@@ -105,29 +142,82 @@ def test_sweep_configs(tmp_path) -> None:
         assert config["command"] == ["${env}", "${interpreter}", "${program}", "one", str(path), "${args}"]
 
 
+def test_sweep_files_and_launch_script(tmp_path) -> None:
+    """The files `grid.py sweep` writes, and launch.sh run against a stand-in `wandb` (no server): one
+    `wandb sweep` per file, attack sweeps first, and one agent command per sweep."""
+    path = write_grid(tmp_path)
+    out = tmp_path / "sweeps"
+    out.mkdir()
+    (out / "tiny-defenses-007.yaml").write_text("stale: a split made with another max_runs\n")
+    paths = write_sweeps(Grid.load(path), path, out, max_runs=2)
+    assert [p.name for p in paths] == ["tiny-attacks-000.yaml", "tiny-defenses-000.yaml", "tiny-defenses-001.yaml"]
+    assert sorted(p.name for p in out.glob("*.yaml")) == [p.name for p in paths], "the stale split is gone"
+    for p in paths:
+        config = yaml.safe_load(p.read_text())
+        assert config["program"] == "grid.py" and config["command"][3:5] == ["one", str(path)]
+    launch = out / "launch.sh"
+    assert os.access(launch, os.X_OK)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "wandb"
+    stub.write_text('#!/usr/bin/env bash\necho "$@" >> "$(dirname "$0")/calls.txt"\n'
+                    'echo "wandb: Creating sweep with ID: id$$" >&2\n'
+                    'echo "wandb: Run sweep agent with: wandb agent me/bench/$(basename "${@: -1}" .yaml)" >&2\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(launch), "bench", "me"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = (bin_dir / "calls.txt").read_text().splitlines()
+    assert calls == [f"sweep --project bench --entity me {p}" for p in paths]
+    agents = [f"wandb agent --count 1 me/bench/{p.stem}" for p in paths]
+    assert (out / "agents.txt").read_text().splitlines() == agents
+    assert all(a in proc.stdout for a in agents)
+
+
 def run_grid_cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     return subprocess.Popen([sys.executable, str(REPO / "grid.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def defense_records(runs: Path) -> list[Path]:
+    return sorted(runs.glob("defenses/*/*/result.json"))
+
+
+def run_until_records(path: Path, runs: Path, count: int, cwd: Path) -> subprocess.Popen:
+    """Start the runner and return it, still running, once `count` defense runs are finished."""
+    runner = run_grid_cli("run", str(path), "--quiet", cwd=cwd)
+    deadline = time.time() + 600
+    while time.time() < deadline and runner.poll() is None and len(defense_records(runs)) < count:
+        time.sleep(0.5)
+    assert runner.poll() is None, f"the runner ended before it could be interrupted:\n{runner.stdout.read()}"
+    return runner
+
+
+def assert_unchanged(records: list[Path]) -> dict[Path, int]:
+    kept = {p: p.stat().st_mtime_ns for p in records}
+    time.sleep(2)  # the workers are gone: nothing may change any more
+    assert {p: p.stat().st_mtime_ns for p in records} == kept
+    return kept
+
+
 @pytest.fixture(scope="module")
 def finished_grid(tmp_path_factory) -> dict:
-    """The tiny grid run for real, killed with SIGKILL after its first finished defense run, then resumed."""
+    """The tiny grid run for real: stopped by SIGTERM after its first finished defense run, resumed and killed
+    with SIGKILL after the next one, then resumed to the end."""
     tmp_path = tmp_path_factory.mktemp("grid")
     path = write_grid(tmp_path)
     runs = tmp_path / "runs"
-    runner = run_grid_cli("run", str(path), "--quiet", cwd=tmp_path)
-    deadline = time.time() + 600
-    while time.time() < deadline and runner.poll() is None and not list(runs.glob("defenses/*/*/result.json")):
-        time.sleep(0.5)
-    assert runner.poll() is None, f"the runner ended before it could be killed:\n{runner.stdout.read()}"
-    first = list(runs.glob("defenses/*/*/result.json"))
-    runner.send_signal(signal.SIGKILL)
+    runner = run_until_records(path, runs, 1, tmp_path)
+    runner.send_signal(signal.SIGTERM)  # the runner stops its workers itself and exits
+    output, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 130 and "interrupted" in output, output
+    first = assert_unchanged(defense_records(runs))
+    runner = run_until_records(path, runs, len(first) + 1, tmp_path)
+    runner.send_signal(signal.SIGKILL)  # the workers die with it (PR_SET_PDEATHSIG)
     runner.wait(timeout=60)
-    kept = {p: p.stat().st_mtime_ns for p in first}
-    time.sleep(2)  # workers die with the runner (PR_SET_PDEATHSIG): nothing may change any more
-    assert {p: p.stat().st_mtime_ns for p in first} == kept
+    kept = assert_unchanged(defense_records(runs))
+    assert {p: kept[p] for p in first} == first, "a run finished before SIGTERM is not redone"
     resumed = run_grid_cli("run", str(path), "--quiet", cwd=tmp_path)
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output
@@ -139,13 +229,14 @@ def test_kill_and_resume(finished_grid) -> None:
 
     runs = finished_grid["runs"]
     table = collect(runs)
-    assert len(table) == 3 and sorted(table["split_seed"]) == [0, 1, 2], "every run exactly once"
+    assert sorted(zip(table["defense"], table["split_seed"])) == [("clp", 0), ("ft", 0), ("ft", 1), ("ft", 2)], \
+        "every run exactly once"
     for path in runs.glob("defenses/*/*/result.json"):
         json.loads(path.read_text())  # no corrupt record
     for path, mtime in finished_grid["kept"].items():
         assert path.stat().st_mtime_ns == mtime, "a run finished before the kill is not redone"
     again = run_grid_cli("run", str(finished_grid["path"]), "--quiet", cwd=finished_grid["tmp"])
-    assert again.wait(timeout=300) == 0 and len(collect(runs)) == 3
+    assert again.wait(timeout=300) == 0 and len(collect(runs)) == 4
 
 
 def test_report_matches_records(finished_grid) -> None:
@@ -155,7 +246,7 @@ def test_report_matches_records(finished_grid) -> None:
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     out = finished_grid["runs"] / "report"
-    for name in ("report.md", "report.html", "results.csv", "fig6_boxplots.png", "fig7_scatter.png"):
+    for name in ("report.md", "report.html", "results.csv", "attacks.csv", "fig6_boxplots.png", "fig7_scatter.png"):
         assert (out / name).exists(), name
     table = pd.read_csv(out / "results.csv")
     for _, row in table.iterrows():
@@ -163,15 +254,20 @@ def test_report_matches_records(finished_grid) -> None:
         assert row["asr_after"] == pytest.approx(record["after"]["asr"])
         assert row["rdr"] == pytest.approx(record["rdr"])
     summary = (out / "report.md").read_text()
-    assert f"{table['asr_after'].median():.3f}" in summary
+    for method, runs in table.groupby("method"):  # the summary row of each defense: runs, median ASR
+        row = rf"\|\s*{method}\s*\|\s*{len(runs)}\s*\|\s*{runs['asr_after'].median():.3f}\s*\|"
+        assert re.search(row, summary), (row, summary)
+    attacks = pd.read_csv(out / "attacks.csv")
+    marker = json.loads(next(finished_grid["runs"].glob("attacks/*/attack.json")).read_text())
+    assert len(attacks) == 1 and attacks.loc[0, "attack_key"] == marker["key"]
+    assert attacks.loc[0, "asr"] == pytest.approx(marker["metrics"]["test/asr"])
+    assert "## Attacked models" in summary and f"{marker['metrics']['test/acc']:.3f}" in summary
 
 
 def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     """What a sweep agent executes: one defense run, logged to W&B offline, grouped by attacked model."""
     grid = Grid.load(finished_grid["path"])
     run = grid.defense_runs()[0]
-    import shutil
-
     shutil.rmtree(grid.defense_dir(run))
     proc = run_grid_cli("one", str(finished_grid["path"]), "--run", f"{run.attack.key}/{run.key}",
                         "--wandb-project", "bench-test", cwd=finished_grid["tmp"])
@@ -195,3 +291,110 @@ def test_notebook_runs_on_grid_outputs(finished_grid) -> None:
         del os.environ["GRID_RUNS"]
     text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "ACC:" in text and "ASR:" in text and "parameter tensors changed" in text
+    assert "(from result.json)" in text and "CLP zeroed" in text, "the first run is the CLP one (sorted)"
+    assert "zero in the defended weights: True" in text
+
+
+# -- the report from records written here (no training) -----------------------------------------------------
+FIELDS = {"dataset": "digits", "attack": "badnets", "backbone": "small_cnn", "poison_ratio": 0.1, "seed": 0}
+
+
+def fake_attack(grid_dir: Path, key: str, asr: float, **fields) -> None:
+    run = grid_dir / "attacks" / key
+    run.mkdir(parents=True)
+    (run / "attack.json").write_text(json.dumps({"key": key, "fields": {**FIELDS, **fields}, "seconds": 12.5,
+                                                 "metrics": {"test/acc": 0.98, "test/asr": asr, "test/ra": 0.02}}))
+
+
+def fake_result(asr_after: float) -> dict:
+    return {"defense": "FT", "before": {"acc": 0.98, "asr": 0.97, "ra": 0.02},
+            "after": {"acc": 0.95, "asr": asr_after, "ra": 0.6}, "arr": 0.97, "rdr": 0.61, "der": 0.9, "rir": 0.6,
+            "seconds": {"defense": 2.0, "total": 2.5}}
+
+
+def fake_defense(grid_dir: Path, attack_key: str, run_key: str, asr_after: float, split_seed: int = 0) -> None:
+    run = grid_dir / "defenses" / attack_key / run_key
+    run.mkdir(parents=True)
+    fields = {**FIELDS, "defense": "ft", "spc": 10, "split_seed": split_seed}
+    (run / "run.json").write_text(json.dumps({"kind": "defense", "key": f"{attack_key}/{run_key}", "fields": fields}))
+    (run / "result.json").write_text(json.dumps(fake_result(asr_after)))
+
+
+def test_report_over_several_grids_and_an_attack_only_one(tmp_path) -> None:
+    import pandas as pd
+
+    from grid import main
+
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):  # b ran the same configuration as a: one run, counted once
+        fake_attack(runs / "grids" / name, "digits-badnets-m1", 0.97)
+        fake_defense(runs / "grids" / name, "digits-badnets-m1", "ft-spc10-seed0-h1", 0.1)
+    fake_defense(runs / "grids" / "a", "digits-badnets-m1", "ft-spc10-seed1-h2", 0.2, split_seed=1)
+    fake_defense(runs / "grids" / "a", "digits-badnets-m1", "ft-spc10-seed2-h3", 0.3, split_seed=2)
+    (runs / "grids" / "a" / "defenses" / "digits-badnets-m1" / "ft-spc10-seed2-h3" / "result.json").unlink()  # running
+    only = runs / "grids" / "attacks_only"
+    fake_attack(only, "digits-clean-m2", float("nan"), attack="clean")
+    fake_attack(only, "digits-blended-m3", 1.0, attack="blended")
+
+    main(["report", str(only)])
+    report = (only / "report" / "report.md").read_text()
+    assert "No defense runs" in report and "## Attacked models (2;" in report
+    assert len(pd.read_csv(only / "report" / "results.csv")) == 0
+    attacks = pd.read_csv(only / "report" / "attacks.csv")
+    assert sorted(attacks["attack"]) == ["blended", "clean"] and (attacks["seconds"] == 12.5).all()
+    assert "<h2>Attacked models" in (only / "report" / "report.html").read_text()
+
+    main(["report", str(runs), "--out", str(tmp_path / "report")])
+    table = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert sorted(table["asr_after"]) == [0.1, 0.2] and set(table["grid"]) == {"grids/a"}
+    assert sorted(table["run_key"]) == ["digits-badnets-m1/ft-spc10-seed0-h1", "digits-badnets-m1/ft-spc10-seed1-h2"]
+    attacks = pd.read_csv(tmp_path / "report" / "attacks.csv")
+    assert sorted(attacks["attack_key"]) == ["digits-badnets-m1", "digits-blended-m3", "digits-clean-m2"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "2 defense runs over 1 attacked models" in report and "| grid " in report
+    assert (tmp_path / "report" / "fig6_boxplots.png").exists()
+
+
+def stub_wandb_run(run_key: str | None, asr_after: float, finished: bool = True, name: str = "") -> SimpleNamespace:
+    """What the W&B API returns for a defense run of the grid runner: summary, config, name, path."""
+    result = fake_result(asr_after)
+    summary = {f"{stage}/{m}": result[stage][m] for stage in ("before", "after") for m in ("acc", "asr", "ra")}
+    summary |= {k: result[k] for k in ("arr", "rdr", "der", "rir")} | {"seconds/defense": 3.0, "_runtime": 9}
+    if not finished:
+        summary = {"train/loss": 0.1}
+    config = {"grid": {**FIELDS, "defense": "ft", "spc": 10, "split_seed": 0}, "model": {"init_args": {}}}
+    if run_key:
+        config["run_key"] = run_key
+    return SimpleNamespace(summary=summary, config=config, name=name or run_key, path=["me", "bench", f"id{asr_after}"],
+                           group=(run_key or name).partition("/")[0])
+
+
+def test_wandb_rows_and_local_rows_win(tmp_path, monkeypatch) -> None:
+    import pandas as pd
+
+    import experiments.results as results
+    from grid import main
+
+    stubs = [stub_wandb_run("digits-badnets-m1/ft-spc10-seed0-h1", 0.5),  # also local: the local row wins
+             stub_wandb_run("digits-badnets-m1/ft-spc10-seed4-h4", 0.4),
+             stub_wandb_run(None, 0.3, name="digits-badnets-m1/ft-spc10-seed5-h5"),  # older runs: key = run name
+             stub_wandb_run("digits-badnets-m1/ft-spc10-seed6-h6", 0.9, finished=False)]  # crashed: no row
+    rows = results.wandb_rows(stubs)
+    assert [r["run_key"].partition("/")[2] for r in rows] == ["ft-spc10-seed0-h1", "ft-spc10-seed4-h4",
+                                                              "ft-spc10-seed5-h5"]
+    row = rows[1]
+    assert row["attack_key"] == "digits-badnets-m1" and row["asr_after"] == 0.4 and row["seconds"] == 3.0
+    assert row["source"] == "wandb:me/bench/id0.4" and row["grid"] == "wandb:me/bench" and row["method"] == "FT"
+    assert {k: row[k] for k in ("dataset", "defense", "spc", "split_seed")} == \
+        {"dataset": "digits", "defense": "ft", "spc": 10, "split_seed": 0}
+
+    runs = tmp_path / "runs"
+    fake_attack(runs, "digits-badnets-m1", 0.97)
+    fake_defense(runs, "digits-badnets-m1", "ft-spc10-seed0-h1", 0.1)
+    monkeypatch.setattr(results, "collect_wandb", lambda project, entity=None: pd.DataFrame(
+        results.wandb_rows(stubs + stubs[:1]), columns=results.COLUMNS))  # a run listed twice by W&B, too
+    main(["report", str(runs), "--wandb-project", "bench"])
+    table = pd.read_csv(runs / "report" / "results.csv").set_index("run_key")
+    assert len(table) == 3 and table.index.is_unique
+    assert table.loc["digits-badnets-m1/ft-spc10-seed0-h1", "asr_after"] == 0.1, "the local record, not W&B's"
+    assert table.loc["digits-badnets-m1/ft-spc10-seed4-h4", "source"] == "wandb:me/bench/id0.4"
