@@ -102,7 +102,8 @@ class BackdoorDataModule(L.LightningDataModule):
             self.poison_indices = torch.zeros(0, dtype=torch.long)
         else:
             if not self.trigger.from_record:
-                self.trigger.check_run(self.dataset, self.target)
+                victim = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+                self.trigger.bind_run(self.dataset, self.target, self.data_dir, getattr(victim, "backbone_spec", None))
                 self.trigger.fit(x_train, y_train)  # e.g. SSBA trains its encoder on the clean training set
             idx = poison_indices(y_train, self.poison_ratio, self.poison_seed, self.target,
                                  self.trigger.clean_label, self.ratio_over_target)

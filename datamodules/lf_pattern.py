@@ -62,13 +62,15 @@ class PatternGeneration:
     """How to generate an LF pattern.
 
     Args:
-        dataset: the dataset to attack (the run's `data.init_args.dataset`).
-        surrogate: backbone of the clean surrogate, {class_path, init_args} or a class path (the survey: the
-            victim's architecture); ignored when `surrogate_checkpoint` is given.
+        dataset: the dataset to attack; None: the run's (`data.init_args.dataset`, filled by the trigger's
+            `bind_run`).
+        surrogate: backbone of the clean surrogate, {class_path, init_args} or a class path; None: the run's
+            victim backbone (the survey: a surrogate of the victim's architecture); ignored when
+            `surrogate_checkpoint` is given.
         surrogate_checkpoint: a clean checkpoint of this project (train.py fit with configs/attack/clean.yaml)
             to use as the surrogate instead of training one.
-        data_dir: folder of the prepared dataset.
-        target: the target class (the run's `data.init_args.target`).
+        data_dir: folder of the prepared dataset; None: the run's.
+        target: the target class; None: the run's (`data.init_args.target`).
         seed: seeds the surrogate's training, the image draws and the pass orders.
         surrogate_epochs: epochs of the surrogate's clean training.
         num_images: training images the perturbation is fitted on.
@@ -82,11 +84,11 @@ class PatternGeneration:
         chunk: images given to DeepFool at once (1: the reference's sequence exactly).
     """
 
-    dataset: str
+    dataset: str | None = None
     surrogate: dict[str, Any] | str | None = None
     surrogate_checkpoint: str | None = None
-    data_dir: str = "data"
-    target: int = 0
+    data_dir: str | None = None
+    target: int | None = None
     seed: int = 0
     surrogate_epochs: int = 20
     num_images: int = 100
@@ -102,9 +104,6 @@ class PatternGeneration:
     def __post_init__(self) -> None:
         if isinstance(self.surrogate, str):
             object.__setattr__(self, "surrogate", {"class_path": self.surrogate, "init_args": {}})
-        if self.surrogate is None and self.surrogate_checkpoint is None:
-            raise ValueError("LF pattern generation needs a surrogate backbone ({class_path, init_args}, e.g. "
-                             "lightning_modules.backbones.PreActResNet18) or a clean surrogate_checkpoint")
         if self.surrogate is not None and "class_path" not in self.surrogate:
             raise ValueError(f"LF surrogate must be {{class_path, init_args}}, got {self.surrogate!r}")
         for name in ("surrogate_epochs", "num_images", "passes", "max_iter", "holdout_per_class", "chunk"):
@@ -118,6 +117,11 @@ class PatternGeneration:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def unbound(self) -> list[str]:
+        """Settings still left to the run (filled by `LowFrequency.bind_run`)."""
+        missing = [n for n in ("dataset", "target") if getattr(self, n) is None]
+        return missing + (["surrogate"] if self.surrogate is None and self.surrogate_checkpoint is None else [])
 
     @classmethod
     def from_value(cls, value: PatternGeneration | dict[str, Any]) -> PatternGeneration:
@@ -137,11 +141,17 @@ def default_cache_dir() -> str:
 def generate_pattern(cfg: PatternGeneration, cache_dir: str | None = "default") -> dict[str, Tensor]:
     """{"pattern": uint8 (C, H, W) in 0..round(255 max_value), "fooling_rates": per pass, "seconds"}; cached
     under `cache_dir`/lf_patterns ("default": $BACKDOOR_BENCH_CACHE or ~/.cache/backdoor-bench; None: no cache)."""
+    if cfg.unbound():
+        raise ValueError(
+            f"LF pattern generation needs {', '.join(cfg.unbound())}: run it through a BackdoorDataModule (which "
+            f"fills them from the run: its dataset, target and victim backbone) or name them in `generate` "
+            f"(surrogate: {{class_path, init_args}}, e.g. lightning_modules.backbones.PreActResNet18, or a clean "
+            f"surrogate_checkpoint)")
     source = get_dataset(cfg.dataset)
     if not 0 <= cfg.target < source.spec.num_classes:
         raise ValueError(f"LF target must be a class of {cfg.dataset} (0..{source.spec.num_classes - 1}), "
                          f"got {cfg.target}")
-    x_train, y_train = source.load(cfg.data_dir, "train")
+    x_train, y_train = source.load(cfg.data_dir or "data", "train")
     surrogate_state = None
     if cfg.surrogate_checkpoint is not None:
         net, spec = load_clean_surrogate(cfg.surrogate_checkpoint, source.spec)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 KEY = "run_key"  # "<attack key>/<defense run key>": the same configuration wherever it ran
 METRICS = ["acc", "asr", "ra"]
@@ -74,10 +75,21 @@ def collect_attacks(runs_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(runs_dir.glob("**/attacks/*/attack.json")):
         marker = json.loads(path.read_text())
-        rows.append({**marker["fields"], **{k.removeprefix("test/"): v for k, v in marker["metrics"].items()},
+        fields = {**marker["fields"], **configured_ratio(path.parent / "config.yaml")}
+        rows.append({**fields, **{k.removeprefix("test/"): v for k, v in marker["metrics"].items()},
                      "seconds": marker.get("seconds"), "attack_key": marker["key"],
                      "grid": grid_name(runs_dir, path.parents[2]), "source": str(path)})
     return drop_duplicates(pd.DataFrame(rows, columns=ATTACK_COLUMNS), "attack_key", str(runs_dir))
+
+
+def configured_ratio(config_file: Path) -> dict[str, float]:
+    """{"poison_ratio": the ratio the run used} from its saved LightningCLI config (a grid's per-attack arguments
+    can override the grid's ratio axis, e.g. SIG on digits), or {} when there is no readable one."""
+    try:
+        config = yaml.safe_load(config_file.read_text()) or {}
+        return {"poison_ratio": float(config["data"]["init_args"]["poison_ratio"])}
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return {}
 
 
 def wandb_rows(runs: Any) -> list[dict[str, Any]]:

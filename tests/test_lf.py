@@ -24,7 +24,8 @@ from lightning_modules.backbones import SmallCNN
 # A tiny generation budget: the pattern's properties do not depend on the surrogate being good.
 TINY = {"dataset": "digits", "surrogate": {"class_path": "lightning_modules.backbones.SmallCNN",
                                            "init_args": {"width": 8}},
-        "surrogate_epochs": 2, "num_images": 20, "passes": 2, "max_iter": 30, "holdout_per_class": 2, "seed": 0}
+        "surrogate_epochs": 2, "num_images": 20, "passes": 2, "max_iter": 30, "holdout_per_class": 2, "seed": 0,
+        "target": 0}
 
 
 def blob(size: int = 32) -> np.ndarray:
@@ -110,8 +111,8 @@ def test_scale_argument_and_bad_inputs(tmp_path) -> None:
         LowFrequency()
     with pytest.raises(ValueError, match="exactly one pattern source"):
         LowFrequency(str(tmp_path / "u.npy"), generate=TINY)
-    with pytest.raises(ValueError, match="surrogate"):
-        PatternGeneration(dataset="digits")
+    with pytest.raises(ValueError, match="needs surrogate"):  # nothing to bind it to outside a run
+        generate_pattern(PatternGeneration(dataset="digits", target=0), cache_dir=None)
     with pytest.raises(ValueError, match="passes"):
         PatternGeneration(**{**TINY, "passes": 0})
     with pytest.raises(ValueError, match="unknown LF generation settings"):
@@ -194,12 +195,49 @@ def test_poisoning_learns_the_backdoor(tmp_path) -> None:
     assert merged["test/acc"] > 0.9 and merged["test/asr"] > 0.85, merged
 
 
-def test_generated_pattern_must_match_the_run() -> None:
-    """A pattern generated toward one dataset's target class is refused for another dataset or target."""
-    trigger = LowFrequency(generate=TINY)
-    trigger.check_run("digits", 0)
+def test_generation_settings_bound_to_the_run() -> None:
+    """Left None, dataset, target, data folder and surrogate are the run's (the victim's architecture); an
+    explicit dataset or target other than the run's is refused; an explicit surrogate is kept."""
+    victim = {"class_path": "lightning_modules.backbones.SmallCNN", "init_args": {"width": 12}}
+    open_settings = {k: v for k, v in TINY.items() if k not in ("dataset", "surrogate", "target")}
+    trigger = LowFrequency(generate=open_settings)
+    trigger.bind_run("digits", 2, "some/dir", victim)
+    assert {k: trigger.generate[k] for k in ("dataset", "target", "data_dir", "surrogate")} == \
+        {"dataset": "digits", "target": 2, "data_dir": "some/dir", "surrogate": victim}
+    assert trigger.record()["init_args"]["generate"]["surrogate"] == victim, "the record holds what was used"
+    with pytest.raises(ValueError, match="needs dataset, target, surrogate"):
+        generate_pattern(PatternGeneration(**open_settings), cache_dir=None)
+
+    explicit = LowFrequency(generate=TINY)
+    explicit.bind_run("digits", 0, "data", victim)
+    assert explicit.generate["surrogate"] == TINY["surrogate"]
     with pytest.raises(ValueError, match="dataset 'digits'.*'cifar10'.*generate.dataset cifar10"):
-        trigger.check_run("cifar10", 0)
+        LowFrequency(generate=TINY).bind_run("cifar10", 0, "data", victim)
     with pytest.raises(ValueError, match="target 0.*generate.target 3"):
-        trigger.check_run("digits", 3)
-    LowFrequency(example_pattern_file()).check_run("cifar10", 3)  # a file: the user's responsibility
+        LowFrequency(generate=TINY).bind_run("digits", 3, "data", victim)
+    LowFrequency(example_pattern_file()).bind_run("cifar10", 3, "data", victim)  # a file: the user's choice
+
+
+def test_datamodule_binds_the_victim_backbone(tmp_path, monkeypatch) -> None:
+    """Through BackdoorDataModule under a Trainer, the surrogate is the victim's backbone."""
+    import lightning as L
+
+    from datamodules import BackdoorDataModule
+    from lightning_modules import VictimTraining
+    from lightning_modules.backbones import SmallCNN
+
+    seen = {}
+
+    def fake(cfg, cache_dir="default"):
+        seen.update(dataset=cfg.dataset, target=cfg.target, surrogate=cfg.surrogate)
+        return {"pattern": torch.zeros(3, 32, 32, dtype=torch.uint8) + 9}
+
+    monkeypatch.setattr("datamodules.triggers.lf.generate_pattern", fake)
+    trigger = LowFrequency(generate={k: v for k, v in TINY.items() if k not in ("dataset", "surrogate", "target")})
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, poison_ratio=0.05, cache_dir=None)
+    model = VictimTraining(functools.partial(SmallCNN, width=4))
+    L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(model, data)
+    assert seen == {"dataset": "digits", "target": 0,
+                    "surrogate": {"class_path": "lightning_modules.backbones.small_cnn.SmallCNN",
+                                  "init_args": {"width": 4}}}

@@ -31,9 +31,11 @@ class Trigger(nn.Module):
         rebuilt from a record (its state is then already learned). A no-op for fixed triggers; SSBA trains its
         encoder here, so a trigger never needs to load the dataset by name."""
 
-    def check_run(self, dataset: str, target: int) -> None:
-        """Raise if this trigger was configured for another run (dataset name, target class); called by
-        `BackdoorDataModule.setup` before `fit`. A no-op for triggers that do not depend on them."""
+    def bind_run(self, dataset: str, target: int, data_dir: str, backbone: dict[str, Any] | None) -> None:
+        """Learn which run this trigger poisons (dataset name, target class, data folder, the victim's backbone
+        {class_path, init_args} or None), filling settings left to the run and raising where an explicit one
+        contradicts it. `BackdoorDataModule.setup` calls it before `fit`. A no-op for most triggers; LF
+        generates its pattern for the run's dataset and target against a surrogate of the run's backbone."""
 
     def config(self) -> dict[str, Any]:
         """{'class_path', 'init_args'} that rebuild this trigger (state aside)."""

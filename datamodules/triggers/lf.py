@@ -11,8 +11,11 @@ Where it comes from (exactly one):
   "auto" by dtype and values (integers: 0-255; floats above 1: 0-255; floats within [-1, 1]: 0-1; all-zero
   files, and floats that are all -1, 0 or 1, are ambiguous and raise).
 - `generate`, the settings of datamodules/lf_pattern.py (a targeted universal adversarial perturbation
-  against a clean surrogate, cached per dataset, surrogate and seed). The trigger cannot see the run's
-  dataset, target or backbone: `generate.dataset`, `generate.target` and `generate.surrogate` must name them.
+  against a clean surrogate, cached per dataset, surrogate and seed). Settings left None are the run's:
+  BackdoorDataModule hands the trigger its dataset, target, data folder and the victim's backbone
+  (`bind_run`), so the default surrogate is a clean model of the victim's architecture (the survey's
+  per-(dataset, model) patterns); explicit values are kept, and a dataset or target other than the run's is
+  refused.
 The pattern is resolved by the `fit` hook (BackdoorDataModule.setup) or lazily (first use, or `state_dict()`),
 so a checkpoint's record rebuilds it without regenerating. Images of another size get the pattern resized bilinearly (the reference ships one file per
 image size). Differs from the reference: the sum is rounded (the reference truncates float sums).
@@ -118,16 +121,26 @@ class LowFrequency(Trigger):
                 self.info = {k: v for k, v in out.items() if k != "pattern"}
         return self._pattern
 
-    def check_run(self, dataset: str, target: int) -> None:
-        """A generated pattern is a universal perturbation toward `generate.target` on `generate.dataset`:
-        poisoning another dataset or target with it would silently mean a different attack."""
-        if self.generate is None:
+    def bind_run(self, dataset: str, target: int, data_dir: str, backbone: dict[str, Any] | None) -> None:
+        """Generation settings left as None take the run's dataset, target, data folder and victim backbone
+        (the surrogate: a clean model of the victim's architecture, as the survey's per-model patterns). An
+        explicit dataset or target that differs from the run's is refused: a universal perturbation toward one
+        dataset's target class would silently be another attack."""
+        if self.generate is None or self._pattern is not None:
             return
-        for what, have, want in (("dataset", self.generate["dataset"], dataset), ("target", self.generate["target"], target)):
-            if have != want:
+        g = dict(self.generate)
+        for what, want in (("dataset", dataset), ("target", target)):
+            if g[what] is None:
+                g[what] = want
+            elif g[what] != want:
                 raise ValueError(
-                    f"LF generates its pattern for {what} {have!r}, but this run's {what} is {want!r}: set "
-                    f"--data.init_args.trigger.init_args.generate.{what} {want} (configs/attack/lf.yaml is set for digits)")
+                    f"LF generates its pattern for {what} {g[what]!r}, but this run's {what} is {want!r}: set "
+                    f"--data.init_args.trigger.init_args.generate.{what} {want} (or null: the run's)")
+        if g["data_dir"] is None:
+            g["data_dir"] = data_dir
+        if g["surrogate"] is None and g["surrogate_checkpoint"] is None and backbone is not None:
+            g["surrogate"] = {"class_path": backbone["class_path"], "init_args": dict(backbone.get("init_args", {}))}
+        self.generate = PatternGeneration.from_value(g).to_dict()
 
     def fit(self, x_train: Tensor, y_train: Tensor) -> None:
         """The `Trigger.fit` hook: read or generate the pattern now, before the DataModule poisons. Generation
