@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -105,6 +106,10 @@ class BackdoorDataModule(L.LightningDataModule):
                 victim = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
                 self.trigger.bind_run(self.dataset, self.target, self.data_dir, getattr(victim, "backbone_spec", None))
                 self.trigger.fit(x_train, y_train)  # e.g. SSBA trains its encoder on the clean training set
+                if self.trigger.report():
+                    rank_zero_info(f"{type(self.trigger).__name__} trigger: "
+                                   + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in self.trigger.report().items()))
             idx = poison_indices(y_train, self.poison_ratio, self.poison_seed, self.target,
                                  self.trigger.clean_label, self.ratio_over_target)
             poisoned = cached(self.cache_dir, self._cache_key(x_train, y_train, x_test, idx),
@@ -174,5 +179,6 @@ class BackdoorDataModule(L.LightningDataModule):
             "poison_ratio": self.poison_ratio, "poison_seed": self.poison_seed,
             "ratio_over_target": self.ratio_over_target,
             "clean_label": self.trigger.clean_label, "training_controlled": False,
+            "trigger_report": self.trigger.report(),
             "poison_indices": self.poison_indices.cpu() if self.poison_indices is not None else None,
         }

@@ -201,9 +201,14 @@ def test_ssba_encoder_trains_through_the_hook(tmp_path, monkeypatch) -> None:
 
     def fake_training(images, settings, cache_dir, name):
         seen["shape"], seen["name"] = tuple(images.shape), name
-        return StegaStampEncoder(settings["bits"], settings["width"]), StegaStampDecoder(settings["bits"], 4), {}
+        report = {"seconds": 12.5, "steps": 3.0, "bit_accuracy": 0.75, "psnr_db": 31.0}
+        return StegaStampEncoder(settings["bits"], settings["width"]), StegaStampDecoder(settings["bits"], 4), report
 
     monkeypatch.setattr(ssba_module, "cached_stegastamp", fake_training)
     trigger = TRIGGERS["ssba"](epochs=1, width=4)
-    BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, cache_dir=None).setup("fit")
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, cache_dir=None)
+    data.setup("fit")
     assert seen["shape"][1:] == (3, 32, 32) and seen["shape"][0] > 1000 and int(trigger.image_size) == 32
+    # the encoder's cost, bit accuracy and PSNR travel in the backdoor record
+    assert data.attack_record()["trigger_report"] == {"seconds": 12.5, "steps": 3.0, "bit_accuracy": 0.75,
+                                                      "psnr_db": 31.0}

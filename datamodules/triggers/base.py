@@ -37,6 +37,11 @@ class Trigger(nn.Module):
         contradicts it. `BackdoorDataModule.setup` calls it before `fit`. A no-op for most triggers; LF
         generates its pattern for the run's dataset and target against a surrogate of the run's backbone."""
 
+    def report(self) -> dict[str, Any]:
+        """Plain facts about how the trigger was made (SSBA: encoder cost, bit accuracy, PSNR; LF: fooling
+        rates), stored in the backdoor record and printed by `BackdoorDataModule.setup`; {} for fixed ones."""
+        return {}
+
     def config(self) -> dict[str, Any]:
         """{'class_path', 'init_args'} that rebuild this trigger (state aside)."""
         params = inspect.signature(type(self).__init__).parameters

@@ -38,6 +38,17 @@ from datamodules.lf_pattern import PatternGeneration, generate_pattern
 from datamodules.triggers.base import Trigger, check_images, to_uint8
 
 Scale = Literal["auto", "0-255", "0-1"]
+
+
+def plain_report(info: dict[str, Any]) -> dict[str, Any]:
+    """Tensors and numpy values as floats / lists, so the report is safe in a weights_only checkpoint."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (Tensor, np.ndarray)):
+            return v.tolist()
+        if isinstance(v, (list, tuple)):
+            return [plain(i) for i in v]
+        return float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else v
+    return {k: plain(v) for k, v in info.items()}
 SCALES = ("auto", "0-255", "0-1")
 
 
@@ -146,6 +157,10 @@ class LowFrequency(Trigger):
         """The `Trigger.fit` hook: read or generate the pattern now, before the DataModule poisons. Generation
         still loads `generate.dataset` itself: it also needs that dataset's normalisation and the target."""
         self.resolved()
+
+    def report(self) -> dict[str, Any]:
+        """Generation diagnostics (fooling rates per pass, seconds; empty for a pattern file)."""
+        return plain_report(self.info)
 
     def pattern_for(self, x: Tensor) -> Tensor:
         key = (x.shape[-2], x.shape[-1], str(x.device))

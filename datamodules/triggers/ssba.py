@@ -179,6 +179,11 @@ class SSBA(Trigger):
         object.__setattr__(self, "decoder", None)  # set by fit(); outside the state: poisoning needs no decoder
         self._table: tuple[dict[bytes, int], np.ndarray] | None = None
 
+    def report(self) -> dict[str, float]:
+        """The encoder's training: seconds, steps, final L2 weight, bit accuracy and PSNR (dB) of encoded
+        images (cached encoders report their original training)."""
+        return {k: float(v) for k, v in self.encoder_report.items()}
+
     def settings(self) -> dict:
         """What `train_stegastamp` gets (and what the encoder cache is keyed by, with the images)."""
         return {"bits": self.bits, "width": self.width, "residual": self.residual, "epochs": self.epochs,
