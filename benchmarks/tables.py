@@ -1,0 +1,90 @@
+"""The result tables of benchmarks/README.md, printed as Markdown from finished grid runs.
+
+    python -m benchmarks.tables defenses runs/grids/digits_cpu runs/grids/cifar10_cpu
+    python -m benchmarks.tables attacks runs/grids/attacks_digits_cpu runs/grids/cifar10_cpu
+
+`defenses`: per dataset, attack and defense, the number of runs (split seeds) and medians over them of ACC, ASR
+and RA before and after, ARR, RDR and the defense's seconds (its own work, without the two test-set
+measurements), in two tables: FT and the pruning family, FT and the fine-tuning family (with BCU).
+`attacks`: per dataset and attack, test ACC / ASR / RA of the attacked model, its ACC minus the clean model's
+(trained the same way in the same grid), the epochs and the seconds of the run.
+Nothing is computed here that the result records do not hold: the medians are over their numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from experiments.results import collect, collect_attacks
+
+PRUNING = ["FT", "FP", "BNP", "CLP", "ANP", "AWM", "RNP", "MMBD", "NPD"]
+FINE_TUNING = ["FT", "FST", "FTSAM", "NAD", "NC", "PBE", "IBAU", "SAU", "BCU"]
+NAMES = {"MMBD": "MM-BD", "FTSAM": "FT-SAM", "IBAU": "i-BAU"}
+ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "sig": "SIG", "lf": "LF", "ssba": "SSBA",
+                "wanet": "WaNet", "iab": "IAB", "bpp": "BPP", "lira": "LIRA", "clean": "clean (no attack)"}
+
+
+def defense_table(table: pd.DataFrame, methods: list[str]) -> str:
+    rows = []
+    for (dataset, attack), part in table.groupby(["dataset", "attack"], sort=False):
+        for method in methods:
+            runs = part[part["method"] == method]
+            if runs.empty:
+                continue
+            m = runs.median(numeric_only=True)
+            rows.append(f"| {dataset} | {ATTACK_NAMES.get(attack, attack)} | {NAMES.get(method, method)} | {len(runs)} "
+                        f"| {m.acc_before:.3f} → {m.acc_after:.3f} | {m.asr_before:.3f} → {m.asr_after:.3f} "
+                        f"| {m.ra_before:.3f} → {m.ra_after:.3f} | {m.arr:.3f} | {m.rdr:.3f} | {m.seconds:.1f} |")
+    head = ("| dataset | attack | defense | runs | ACC before → after | ASR before → after | RA before → after "
+            "| ARR | RDR | seconds |\n|---|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head, *rows])
+
+
+def epochs_of(source: str) -> str:
+    """max_epochs of the run, from the LightningCLI config saved beside its marker."""
+    try:
+        config = yaml.safe_load((Path(source).parent / "config.yaml").read_text())
+        return str(config["trainer"]["max_epochs"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "?"
+
+
+def attack_table(attacks: pd.DataFrame) -> str:
+    rows = []
+    for dataset, part in attacks.groupby("dataset", sort=False):
+        clean = part[part["attack"] == "clean"]
+        clean_acc = float(clean["acc"].iloc[0]) if len(clean) else float("nan")
+        for _, r in part.iterrows():
+            asr = "–" if r.attack == "clean" else f"{r.asr:.3f}"
+            ra = "–" if r.attack == "clean" else f"{r.ra:.3f}"
+            ratio = "–" if r.attack == "clean" else f"{r.poison_ratio:g}"
+            rows.append(f"| {dataset} | {ATTACK_NAMES.get(r.attack, r.attack)} | {ratio} | {epochs_of(r.source)} "
+                        f"| {r.acc:.3f} | {r.acc - clean_acc:+.3f} | {asr} | {ra} | {r.seconds:.0f} |")
+    head = ("| dataset | attack | poison ratio | epochs | ACC | ACC − clean | ASR | RA | seconds |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head, *rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["defenses", "attacks"])
+    parser.add_argument("runs_dirs", nargs="+")
+    args = parser.parse_args()
+    if args.what == "defenses":
+        table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
+        print("FT and the pruning family\n\n" + defense_table(table, PRUNING))
+        print("\nFT and the fine-tuning family\n\n" + defense_table(table, FINE_TUNING))
+    else:
+        attacks = pd.concat([collect_attacks(d) for d in args.runs_dirs], ignore_index=True)
+        order = {a: i for i, a in enumerate(["clean", *(a for a in ATTACK_NAMES if a != "clean")])}
+        attacks = attacks.sort_values(["dataset", "attack"], key=lambda s: s.map(order) if s.name == "attack" else s,
+                                      kind="stable")
+        print(attack_table(attacks))
+
+
+if __name__ == "__main__":
+    main()
