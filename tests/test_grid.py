@@ -45,6 +45,17 @@ def test_survey_grid_counts() -> None:
     assert len({(r.attack.key, r.key) for r in defenses}) == len(defenses), "run keys are unique"
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "grids").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_grid_file_expands(path: Path) -> None:
+    """Every shipped grid loads, names existing configs and expands to unique runs."""
+    grid = Grid.load(path)
+    attacks = grid.attack_runs()
+    defenses = grid.defense_runs(attacks)
+    assert attacks and grid.name == path.stem
+    assert len({a.key for a in attacks}) == len(attacks)
+    assert len({(d.attack.key, d.key) for d in defenses}) == len(defenses)
+
+
 def test_quickstart_grid_counts() -> None:
     """2 attacks x (5 defenses x 2 SPC x 2 seeds + CLP once) = 2 x 21 defense runs."""
     grid = Grid.load(CONFIGS / "grids" / "quickstart.yaml")
