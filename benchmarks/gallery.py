@@ -33,8 +33,9 @@ SURVEY = ["badnets", "blended", "sig", "lf", "ssba", "iab", "bpp", "wanet", "lir
 LEARNED_IN_TRAINING = {"iab", "lira"}  # generators: untrained unless a checkpoint is given
 
 
-def build_attack(name: str, data_config: str, extra: list[str]) -> tuple[Trigger, object]:
-    """(the attack's trigger, its DataModule) from configs/attack/<name>.yaml, without training."""
+def build_attack(name: str, data_config: str, extra: list[str], fit: bool = True) -> tuple[Trigger, object]:
+    """(the attack's trigger, its DataModule) from configs/attack/<name>.yaml, without training; `fit=False`
+    skips fitting a data-poisoning trigger (a checkpoint's trigger replaces it)."""
     from lightning_modules.cli import BackdoorCLI
 
     args = ["--config", data_config, "--config", str(REPO / "configs" / "attack" / f"{name}.yaml"),
@@ -49,8 +50,10 @@ def build_attack(name: str, data_config: str, extra: list[str]) -> tuple[Trigger
     trigger = getattr(model, "trigger", None)
     if not isinstance(trigger, Trigger):
         trigger = data.trigger
-        x_train, y_train = data.source.load(data.data_dir, "train")
-        trigger.fit(x_train, y_train)
+        if fit:
+            x_train, y_train = data.source.load(data.data_dir, "train")
+            trigger.bind_run(data.dataset, data.target, data.data_dir, model.backbone_spec)
+            trigger.fit(x_train, y_train)
     return trigger, data
 
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     clean, rows, names = None, [], []
     for name in args.attacks:
-        trigger, data = build_attack(name, args.data, extras.get(name, []))
+        trigger, data = build_attack(name, args.data, extras.get(name, []), fit=name not in checkpoints)
         label = name
         if name in checkpoints:
             from lightning_modules.checkpoint import load_attacked

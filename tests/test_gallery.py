@@ -64,10 +64,14 @@ def test_pieces() -> None:
         Gallery(num_images=0)
 
 
-def test_gallery_script(tmp_path) -> None:
+def test_gallery_script(tmp_path, monkeypatch) -> None:
     from benchmarks.gallery import main
 
-    out = main(["--attacks", "badnets", "wanet", "--num_images", "3", "--scale", "1",
-                "--out", str(tmp_path / "all.png")])
+    g = "--data.init_args.trigger.init_args.generate"
+    tiny_lf = [f"lf={g}.{k}={v}" for k, v in (("surrogate_epochs", 1), ("num_images", 5), ("passes", 1),
+                                               ("max_iter", 5), ("holdout_per_class", 1))]
+    monkeypatch.setenv("BACKDOOR_BENCH_CACHE", str(tmp_path / "cache"))  # LF generates against the run's backbone
+    out = main(["--attacks", "badnets", "wanet", "lf", "--num_images", "3", "--scale", "1",
+                *(a for item in tiny_lf for a in ("--set", item)), "--out", str(tmp_path / "all.png")])
     image = np.asarray(Image.open(out))
-    assert image.shape[0] == 3 * 34 + 2 and image.ndim == 3  # rows: clean, badnets, wanet
+    assert image.shape[0] == 4 * 34 + 2 and image.ndim == 3  # rows: clean, badnets, wanet, lf
