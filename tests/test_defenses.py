@@ -74,3 +74,11 @@ def test_random_backbone_checkpoint_loads(backbone_checkpoint) -> None:
     for name in ("preact_resnet18", "small_cnn"):
         defense = FT(str(backbone_checkpoint(name)))
         assert defense.spec.name == "digits" and defense.backdoor_record["attack"]["name"] == "BadNets"
+
+
+def test_resuming_a_defense_run_is_refused(backdoored_checkpoint, tmp_path) -> None:
+    """`fit --ckpt_path` would measure "before" and re-run prepare() on already defended weights."""
+    run_cli("fit", *defense_args("ft", backdoored_checkpoint["path"]), cwd=tmp_path)
+    defended = tmp_path / "runs" / "ft-spc10-seed1" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="resuming a defense run .* is not supported"):
+        run_cli("fit", *defense_args("ft", backdoored_checkpoint["path"]), "--ckpt_path", str(defended), cwd=tmp_path)

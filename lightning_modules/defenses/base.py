@@ -148,6 +148,12 @@ class Defense(ImageClassifier):
 
     # -- the flow -----------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is not None:
+            # the restored weights are already defended: "before" and prepare() would run on them
+            raise ValueError(
+                f"{type(self).__name__}: resuming a defense run (fit --ckpt_path {self.trainer.ckpt_path}) is not "
+                f"supported; start it again without --ckpt_path (defenses are short; the grid runner redoes "
+                f"interrupted runs), or evaluate the defended checkpoint with `train.py test`")
         self._clock["start"] = time.perf_counter()
         self._before = self.measure()
         self._clock["method_start"] = time.perf_counter()
