@@ -7,7 +7,8 @@
 and RA before and after, ARR, RDR and the defense's seconds (its own work, without the two test-set
 measurements), in two tables: FT and the pruning family, FT and the fine-tuning family (with BCU).
 `attacks`: per dataset and attack, test ACC / ASR / RA of the attacked model, its ACC minus the clean model's
-(trained the same way in the same grid), the epochs and the seconds of the run.
+(victim training, same epochs) and, for the training-controlled attacks, minus the same recipe's at poison
+ratio 0 (configs/grids/ot_clean_*), the epochs and the seconds of the run.
 Nothing is computed here that the result records do not hold: the medians are over their numbers.
 """
 
@@ -54,18 +55,25 @@ def epochs_of(source: str) -> str:
 
 
 def attack_table(attacks: pd.DataFrame) -> str:
+    """Rows at poison ratio 0 of an attack are its clean comparator: its own training recipe with no sample
+    poisoned (configs/grids/ot_clean_*); they fill the "same recipe" column of that attack's row."""
     rows = []
     for dataset, part in attacks.groupby("dataset", sort=False):
         clean = part[part["attack"] == "clean"]
         clean_acc = float(clean["acc"].iloc[0]) if len(clean) else float("nan")
         for _, r in part.iterrows():
+            unpoisoned = r.attack == "clean" or r.poison_ratio == 0
+            same = part[(part["attack"] == r.attack) & (part["poison_ratio"] == 0)]
+            recipe = f"{r.acc - float(same['acc'].iloc[0]):+.3f}" if len(same) and not unpoisoned else "–"
+            name = ATTACK_NAMES.get(r.attack, r.attack) + (" recipe, nothing poisoned" if r.poison_ratio == 0
+                                                           and r.attack != "clean" else "")
             asr = "–" if r.attack == "clean" else f"{r.asr:.3f}"
             ra = "–" if r.attack == "clean" else f"{r.ra:.3f}"
             ratio = "–" if r.attack == "clean" else f"{r.poison_ratio:g}"
-            rows.append(f"| {dataset} | {ATTACK_NAMES.get(r.attack, r.attack)} | {ratio} | {epochs_of(r.source)} "
-                        f"| {r.acc:.3f} | {r.acc - clean_acc:+.3f} | {asr} | {ra} | {r.seconds:.0f} |")
-    head = ("| dataset | attack | poison ratio | epochs | ACC | ACC − clean | ASR | RA | seconds |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+            rows.append(f"| {dataset} | {name} | {ratio} | {epochs_of(r.source)} | {r.acc:.3f} "
+                        f"| {r.acc - clean_acc:+.3f} | {recipe} | {asr} | {ra} | {r.seconds:.0f} |")
+    head = ("| dataset | attack | poison ratio | epochs | ACC | ACC − clean | ACC − same recipe, ratio 0 | ASR | RA "
+            "| seconds |\n|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *rows])
 
 
@@ -81,8 +89,8 @@ def main() -> None:
     else:
         attacks = pd.concat([collect_attacks(d) for d in args.runs_dirs], ignore_index=True)
         order = {a: i for i, a in enumerate(["clean", *(a for a in ATTACK_NAMES if a != "clean")])}
-        attacks = attacks.sort_values(["dataset", "attack"], key=lambda s: s.map(order) if s.name == "attack" else s,
-                                      kind="stable")
+        attacks = attacks.sort_values(["dataset", "attack", "poison_ratio"],
+                                      key=lambda s: s.map(order) if s.name == "attack" else s, kind="stable")
         print(attack_table(attacks))
 
 
