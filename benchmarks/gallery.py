@@ -10,7 +10,7 @@ configs/model/small_cnn.yaml, through the project's CLI without running it). Dat
 `fit` on the clean training set, as BackdoorDataModule does (SSBA trains or loads its cached encoder; LF
 generates or loads its cached pattern: slow the first time). Training-controlled attacks (WaNet, IAB, BPP,
 LIRA) are shown with their trigger as initialised, unless a trained checkpoint is given with --checkpoint
-name=path: the label then says "trained"; without one, IAB's and LIRA's rows show untrained generators and
+name=path: the label then says "trained" for IAB and LIRA (learned generators), "from its run" otherwise; without one, IAB's and LIRA's rows show untrained generators and
 are labelled "untrained" (WaNet's warp and BPP's quantisation need no training).
 """
 
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> Path:
         if name in checkpoints:
             from lightning_modules.checkpoint import load_attacked
 
-            trigger, label = load_attacked(checkpoints[name]).trigger, f"{name} (trained)"
+            trigger = load_attacked(checkpoints[name]).trigger
+            label = f"{name} ({'trained' if name in LEARNED_IN_TRAINING else 'from its run'})"
         elif name in LEARNED_IN_TRAINING:
             label = f"{name} (untrained)"
         if clean is None:
