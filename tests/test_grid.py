@@ -284,8 +284,8 @@ def check_report(runs: Path, cwd: Path) -> None:
         assert row["asr_after"] == pytest.approx(record["after"]["asr"])
         assert row["rdr"] == pytest.approx(record["rdr"])
     summary = (out / "report.md").read_text()
-    for method, runs in table.groupby("method"):  # the summary row of each defense: runs, median ASR
-        row = rf"\|\s*{method}\s*\|\s*{len(runs)}\s*\|\s*{runs['asr_after'].median():.3f}\s*\|"
+    for method, group in table.groupby("method"):  # the summary row of each defense: runs, median ASR
+        row = rf"\|\s*{method}\s*\|\s*{len(group)}\s*\|\s*{group['asr_after'].median():.3f}\s*\|"
         assert re.search(row, summary), (row, summary)
     attacks = pd.read_csv(out / "attacks.csv").set_index("attack_key")
     markers = [json.loads(p.read_text()) for p in runs.glob("attacks/*/attack.json")]
