@@ -54,6 +54,17 @@ def epochs_of(source: str) -> str:
         return "?"
 
 
+def pattern_of(source: str) -> str:
+    """The trigger file of the run (LF's `pattern`, Blended's `image`), '' when the default one was used."""
+    try:
+        config = yaml.safe_load((Path(source).parent / "config.yaml").read_text())
+        args = config["data"]["init_args"]["trigger"]["init_args"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    value = args.get("pattern") or args.get("image")
+    return Path(value).name if isinstance(value, str) else ""
+
+
 def attack_table(attacks: pd.DataFrame) -> str:
     """Rows at poison ratio 0 of an attack are its clean comparator: its own training recipe with no sample
     poisoned (configs/grids/ot_clean_*); they fill the "same recipe" column of that attack's row."""
@@ -67,6 +78,8 @@ def attack_table(attacks: pd.DataFrame) -> str:
             recipe = f"{r.acc - float(same['acc'].iloc[0]):+.3f}" if len(same) and not unpoisoned else "–"
             name = ATTACK_NAMES.get(r.attack, r.attack) + (" recipe, nothing poisoned" if r.poison_ratio == 0
                                                            and r.attack != "clean" else "")
+            if pattern := pattern_of(r.source):
+                name += f" (`{pattern}`)"
             asr = "–" if r.attack == "clean" else f"{r.asr:.3f}"
             ra = "–" if r.attack == "clean" else f"{r.ra:.3f}"
             ratio = "–" if r.attack == "clean" else f"{r.poison_ratio:g}"

@@ -296,6 +296,25 @@ def check_report(runs: Path, cwd: Path) -> None:
     assert "## Attacked models" in summary
 
 
+def test_benchmark_tables_print_the_records_medians(finished_grid) -> None:
+    """benchmarks/tables.py (the tables of benchmarks/README.md): each row holds the medians of its records."""
+    import statistics
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = str(finished_grid["runs"])
+    printed = {what: subprocess.run([sys.executable, "-m", "benchmarks.tables", what, runs], cwd=REPO, env=env,
+                                    capture_output=True, text=True, check=True).stdout
+               for what in ("defenses", "attacks")}
+    records = [json.loads(p.read_text()) for p in defense_records(finished_grid["runs"])]
+    ft = [r for r in records if r["defense"].upper() == "FT"]
+    row = next(line for line in printed["defenses"].splitlines() if "| FT | 3 |" in line)
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[6] == f"{records[0]['before']['asr']:.3f} → {statistics.median(r['after']['asr'] for r in ft):.3f}"
+    assert cells[8] == f"{statistics.median(r['arr'] for r in ft):.3f}"
+    for marker in (json.loads(p.read_text()) for p in finished_grid["runs"].glob("attacks/*/attack.json")):
+        assert f"| {marker['metrics']['test/acc']:.3f} |" in printed["attacks"]
+
+
 def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     """What a sweep agent executes: one defense run, logged to W&B offline, grouped by attacked model."""
     grid = Grid.load(finished_grid["path"])
