@@ -37,11 +37,12 @@ class SmallTests(MitigationDataModule):
 
 
 def run_nc(path, tmp_path, epochs: int = 1, spc: int = 10, n_test: int = 32, random_tests: bool = False,
-           **kwargs) -> NC:
+           precision: str = "32-true", **kwargs) -> NC:
     L.seed_everything(0, verbose=False)
     model = NC(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        precision=precision)
     data = SmallTests(spc=spc, backdoored=str(path), n_test=n_test, random_tests=random_tests, batch_size=256)
     trainer.fit(model, data)
     return model
@@ -140,6 +141,22 @@ def test_runs_and_prunes_on_every_backbone(backbone, backbone_checkpoint, tmp_pa
     kept = torch.ones(weight.shape[1], dtype=torch.bool)
     kept[pruned] = False
     assert torch.equal(weight[:, kept], original[:, kept])
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "preact_resnet18"])
+def test_prune_layer_check_holds_under_bf16(backbone, backbone_checkpoint, tmp_path) -> None:
+    """The check that the prune layer produces the logits runs in fp32: bf16 autocast logits are no reference."""
+    model = run_nc(backbone_checkpoint(backbone), tmp_path, spc=1, n_test=8, mitigation="prune", search_epochs=1,
+                   search_batch_size=5, precision="bf16-mixed")
+    x, y = model.mitigation_data("train")
+    facts = model.prune(x, y, [0])
+    assert facts["neurons"] == model.net.get_submodule(PRUNE_LAYERS[type(model.net).__name__]).weight.shape[1]
+    handle = model.net.register_forward_hook(lambda module, args, out: out * 2)  # a tail after the prune layer
+    try:
+        with pytest.raises(ValueError, match="does not produce the logits from its input"):
+            model.prune(x, y, [0])
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("bad", [
