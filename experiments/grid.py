@@ -46,9 +46,21 @@ CONFIGS = REPO / "configs"
 MATCH_KEYS = {"dataset", "attack", "backbone", "poison_ratio", "seed", "defense", "spc", "split_seed"}
 
 
+def content_digest(path: Path) -> str:
+    """sha256 of a YAML file's parsed contents (canonical JSON), so comments and layout do not change run keys;
+    of its bytes when it does not parse (the run itself will then fail and say why)."""
+    text = path.read_text()
+    try:
+        canonical = json.dumps(yaml.safe_load(text), sort_keys=True, separators=(",", ":"), default=str)
+    except yaml.YAMLError:
+        canonical = text
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def identity(args: Sequence[str], digests: dict[str, str] | None = None) -> list[str]:
     """What a run's hash covers: `args`, with the file after each `--config` replaced by its path inside the
-    repository and the sha256 of its contents. `digests` caches the files already read (one per grid)."""
+    repository and the digest of its parsed contents (content_digest). `digests` caches the files already read
+    (one per grid)."""
     digests = {} if digests is None else digests
     out = []
     for previous, arg in zip(("", *args), args):
@@ -56,7 +68,7 @@ def identity(args: Sequence[str], digests: dict[str, str] | None = None) -> list
             if arg not in digests:
                 path = Path(arg).resolve()
                 where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
-                digests[arg] = f"{where}@sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+                digests[arg] = f"{where}@sha256:{content_digest(path)}"
             arg = digests[arg]
         out.append(arg)
     return out

@@ -101,8 +101,8 @@ def test_exclusions_and_once_per_model(tmp_path) -> None:
 
 
 def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
-    """Editing a config YAML makes new runs (the key hashes its contents); the file enters the hash by its path
-    inside the repository, so checkouts in other places agree on every key."""
+    """Editing a value in a config YAML makes new runs (the key hashes its parsed contents; a comment does not);
+    the file enters the hash by its path inside the repository, so checkouts elsewhere agree on every key."""
     ft = str(CONFIGS / "defense" / "ft.yaml")
     assert identity(["--config", ft, "--data.spc", "2"])[1].startswith("configs/defense/ft.yaml@sha256:")
     path = write_grid(tmp_path)
@@ -125,7 +125,9 @@ def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
     assert all(edited[f"ft{seed}"] != original[f"ft{seed}"] for seed in range(3))
     assert edited["ft0"].rpartition("-")[0] == "ft-spc2-seed0", "keys stay readable"
     model = clone / "configs" / "model" / "small_cnn.yaml"
-    model.write_text(model.read_text() + "# edited\n")
+    model.write_text("# a comment, reindented values: the same configuration\n" + model.read_text() + "# edited\n")
+    assert keys(clone)["attack"] == original["attack"], "comments and layout do not make new runs"
+    model.write_text(model.read_text().replace("SmallCNN", "PreActResNet18"))
     assert keys(clone)["attack"] != original["attack"]
 
 
