@@ -24,9 +24,9 @@ A grid file (configs/grids/*.yaml):
       - {defense: nc, dataset: [gtsrb, tiny_imagenet]}
 
 Runs are identified by a readable key plus a hash of their arguments and of the contents of the config files they
-name, so changing an override or editing a config YAML makes a new run instead of reusing a stale one. Config
-files enter the hash by their path inside the repository, so checkouts in different places (the machines of a
-W&B sweep) agree on every key.
+name (parsed: a comment or layout edit keeps the key), so changing an override or a value in a config YAML makes
+a new run instead of reusing a stale one. Config files enter the hash by their path inside the repository, so
+checkouts in different places (the machines of a W&B sweep) agree on every key.
 """
 
 from __future__ import annotations
