@@ -10,8 +10,9 @@ configs/model/small_cnn.yaml, through the project's CLI without running it). Dat
 `fit` on the clean training set, as BackdoorDataModule does (SSBA trains or loads its cached encoder; LF
 generates or loads its cached pattern: slow the first time). Training-controlled attacks (WaNet, IAB, BPP,
 LIRA) are shown with their trigger as initialised, unless a trained checkpoint is given with --checkpoint
-name=path: the label then says "trained" for IAB and LIRA (learned generators), "from its run" otherwise; without one, IAB's and LIRA's rows show untrained generators and
-are labelled "untrained" (WaNet's warp and BPP's quantisation need no training).
+name=path: the label then says "trained" for IAB and LIRA (learned generators), "from its run" otherwise;
+without one, IAB's and LIRA's rows show untrained generators and are labelled "untrained" (WaNet's warp and
+BPP's quantisation need no training).
 """
 
 from __future__ import annotations

@@ -45,23 +45,27 @@ def defense_table(table: pd.DataFrame, methods: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-def epochs_of(source: str) -> str:
-    """max_epochs of the run, from the LightningCLI config saved beside its marker."""
+def saved_config(source: str, *keys: str) -> object:
+    """A value of the LightningCLI config saved beside a run's marker (None when absent or unreadable)."""
     try:
-        config = yaml.safe_load((Path(source).parent / "config.yaml").read_text())
-        return str(config["trainer"]["max_epochs"])
+        value = yaml.safe_load((Path(source).parent / "config.yaml").read_text())
+        for key in keys:
+            value = value[key]
+        return value
     except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return "?"
+        return None
+
+
+def epochs_of(source: str) -> str:
+    """max_epochs of the run."""
+    epochs = saved_config(source, "trainer", "max_epochs")
+    return "?" if epochs is None else str(epochs)
 
 
 def pattern_of(source: str) -> str:
     """The trigger file of the run (LF's `pattern`, Blended's `image`), '' when the default one was used."""
-    try:
-        config = yaml.safe_load((Path(source).parent / "config.yaml").read_text())
-        args = config["data"]["init_args"]["trigger"]["init_args"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return ""
-    value = args.get("pattern") or args.get("image")
+    args = saved_config(source, "data", "init_args", "trigger", "init_args")
+    value = (args.get("pattern") or args.get("image")) if isinstance(args, dict) else None
     return Path(value).name if isinstance(value, str) else ""
 
 

@@ -125,7 +125,7 @@ def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
     assert all(edited[f"ft{seed}"] != original[f"ft{seed}"] for seed in range(3))
     assert edited["ft0"].rpartition("-")[0] == "ft-spc2-seed0", "keys stay readable"
     model = clone / "configs" / "model" / "small_cnn.yaml"
-    model.write_text("# a comment, reindented values: the same configuration\n" + model.read_text() + "# edited\n")
+    model.write_text("# a comment: the same configuration\n" + model.read_text() + "# edited\n")
     assert keys(clone)["attack"] == original["attack"], "comments and layout do not make new runs"
     model.write_text(model.read_text().replace("SmallCNN", "PreActResNet18"))
     assert keys(clone)["attack"] != original["attack"]

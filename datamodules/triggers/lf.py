@@ -19,7 +19,7 @@ Where it comes from (exactly one):
 The pattern is resolved by the `fit` hook (BackdoorDataModule.setup) or lazily (first use, or `state_dict()`),
 so a checkpoint's record rebuilds it without regenerating. Images of another size get the pattern resized bilinearly (the reference ships one file per
 image size). Differs from the reference: the sum is rounded (the reference truncates float sums).
-Cost: one add per batch; generating a pattern, see datamodules/lf_pattern.py (21 CPU-s for digits).
+Cost: one add per batch; generating a pattern, see datamodules/lf_pattern.py (digits: 11 s on 2 cores).
 Measured (victim SmallCNN width 16, seed 0, ratio 0.1, 2 CPU cores; benchmarks/README.md): digits, 100 epochs:
 ACC 0.994 (clean 0.994), ASR 1.000, pattern 11 s. CIFAR-10, 20 epochs: generated pattern (SmallCNN
 surrogate, fooling rate plateau 0.17 < 0.2, 335 s) ACC 0.744 (clean 0.775), ASR 0.782; BackdoorBench's

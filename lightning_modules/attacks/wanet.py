@@ -25,9 +25,9 @@ s 0.5 gives ACC 0.992 / ASR 0.325, s 1.0 ACC 0.992 / ASR 0.854 (tests/test_wanet
 100 epochs (the protocol's): ACC 0.978 / ASR 0.080. CIFAR-10 (SmallCNN width 16, 20 epochs of the reference's
 100, 194 s on 2 idle cores): ACC 0.611 / ASR 0.882 / RA 0.104, against ACC 0.758 for the same recipe with
 nothing poisoned (benchmarks/README.md). The cost is false alarms, not the noise samples: the model predicts
-the target for 33% of clean test images (13% for the recipe at ratio 0), and with cross_ratio 0 for 49% (ACC 0.514, ASR
-0.946, configs/grids/wanet_no_cross_cifar10_cpu.yaml): the noise mode is what keeps the small network from
-taking any warp-like structure for the trigger, as the paper intends.
+the target for 33% of clean test images (13% for the recipe at ratio 0), and with cross_ratio 0 for 49% (ACC
+0.514, ASR 0.946, configs/grids/wanet_no_cross_cifar10_cpu.yaml): the noise mode is what keeps the small
+network from taking any warp-like structure for the trigger, as the paper intends.
 """
 
 from __future__ import annotations
