@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from datamodules.datasets import DATASETS
 from tests.conftest import CONFIGS, REPO, run_cli, write_synthetic_prepared
 
 NOT_CLI = {"grids", "sweeps"}  # grid files, checked by tests/test_grid.py
@@ -37,6 +38,11 @@ def composition(rel: Path) -> list[str]:
         files = [rel]
     elif group == "data":
         files = [rel, Path("attack/badnets.yaml"), Path("model/small_cnn.yaml")]
+    elif group == "attack" and len(rel.parts) == 3 and rel.parts[1] not in DATASETS:
+        # a profile's overlay (attack/survey/<name>.yaml) on CIFAR-10, whose reference trigger files exist; LF's
+        # reference patterns are per backbone, and SmallCNN has none
+        model = "preact_resnet18" if rel.stem == "lf" else "small_cnn"
+        files = [Path("data/cifar10.yaml"), Path("attack") / rel.name, rel, Path(f"model/{model}.yaml")]
     elif group == "attack" and len(rel.parts) == 3:  # attack/<dataset>/<name>.yaml overrides attack/<name>.yaml
         files = [Path("data") / f"{rel.parts[1]}.yaml", Path("attack") / rel.name, rel, Path("model/small_cnn.yaml")]
     elif group == "attack":
@@ -54,11 +60,9 @@ def composition(rel: Path) -> list[str]:
 
 def data_dir_for(rel: Path, tmp_path: Path, request) -> list[str]:
     name = rel.stem if rel.parts[0] == "data" else rel.parts[1] if len(rel.parts) == 3 else None
-    if name == "cifar10":
+    if name == "cifar10" or (name is not None and rel.parts[0] == "attack" and name not in DATASETS):
         return ["--data.init_args.data_dir", str(request.getfixturevalue("shared_data"))]
     if name in ("gtsrb", "tiny_imagenet"):
-        from datamodules.datasets import DATASETS
-
         spec = DATASETS[name].spec
         write_synthetic_prepared(tmp_path / "data", name, spec.num_classes, spec.image_size)
         return ["--data.init_args.data_dir", str(tmp_path / "data")]

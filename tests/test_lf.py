@@ -17,9 +17,10 @@ import datamodules.lf_pattern as lf_pattern
 from datamodules import BackdoorDataModule
 from datamodules.lf_pattern import PatternGeneration, generate_pattern, low_pass, rescale
 from datamodules.triggers import LowFrequency, build_trigger
-from datamodules.triggers.lf import apply_lf, read_pattern
+from datamodules.resources import RESOURCES
+from datamodules.triggers.lf import apply_lf, read_pattern, reference_resource
 from lightning_modules import VictimTraining
-from lightning_modules.backbones import SmallCNN
+from lightning_modules.backbones import BACKBONES, SmallCNN, class_path
 
 # A tiny generation budget: the pattern's properties do not depend on the surrogate being good.
 TINY = {"dataset": "digits", "surrogate": {"class_path": "lightning_modules.backbones.SmallCNN",
@@ -74,6 +75,56 @@ def test_reference_files(shared_data) -> None:
     assert np.array_equal(reference, x.numpy()), "the reference's float file is a null trigger"
     out = LowFrequency(str(float_file))(x)
     assert (out.int() - x.int()).abs().max() >= 40, "read on the 0..1 scale, it is a real trigger"
+
+
+def backbone(name: str) -> dict:
+    return {"class_path": class_path(BACKBONES[name]), "init_args": {}}
+
+
+def test_reference_names_every_survey_file() -> None:
+    """Our dataset and backbone class names map onto BackdoorBench's file names."""
+    for dataset, theirs in (("cifar10", "cifar10"), ("gtsrb", "gtsrb"), ("tiny_imagenet", "tiny")):
+        for ours, model in (("preact_resnet18", "preactresnet18"), ("vgg19_bn", "vgg19_bn"),
+                            ("efficientnet_b3", "efficientnet_b3"), ("mobilenet_v3_large", "mobilenet_v3_large")):
+            name = reference_resource(dataset, backbone(ours))
+            assert RESOURCES[name].relative_path == f"triggers/lowFrequency/{theirs}_{model}_0_255.npy"
+
+
+def test_reference_pattern_is_the_runs_file(shared_data, tmp_path, monkeypatch) -> None:
+    """`pattern: reference` bound to cifar10 + PreActResNet18 is that file; rebuilt from its record it needs no
+    file; VGG-19-BN's float file is read on the 0..1 scale (a real trigger, unlike the reference)."""
+    from tests.test_resources import block_downloads
+
+    block_downloads(monkeypatch)
+    folder = shared_data / "triggers" / "lowFrequency"
+    x = images()
+    trigger = LowFrequency("reference")
+    trigger.bind_run("cifar10", 0, str(shared_data), backbone("preact_resnet18"))
+    trigger.fit(x, torch.zeros(len(x)))
+    assert torch.equal(trigger(x), LowFrequency(str(folder / "cifar10_preactresnet18_0_255.npy"))(x))
+    assert trigger.report() == {"reference": "triggers/lowFrequency/cifar10_preactresnet18_0_255.npy"}
+    rebuilt = build_trigger(trigger.record())
+    assert torch.equal(rebuilt(x), trigger(x)) and rebuilt.report() == trigger.report()
+    rebuilt.bind_run("cifar10", 0, str(tmp_path), backbone("preact_resnet18"))  # the same file: no lookup
+    assert torch.equal(rebuilt(x), trigger(x))
+    vgg = LowFrequency("reference")
+    vgg.bind_run("gtsrb", 0, str(shared_data), backbone("vgg19_bn"))
+    assert torch.equal(vgg(x), LowFrequency(str(folder / "gtsrb_vgg19_bn_0_255.npy"))(x))
+    assert (vgg(x).int() - x.int()).abs().max() >= 40
+    named = LowFrequency("lf_tiny_mobilenet_v3_large")  # any registered LF resource by name
+    named.bind_run("tiny_imagenet", 0, str(shared_data), None)
+    assert torch.equal(named(images(size=64)), LowFrequency(str(folder / "tiny_mobilenet_v3_large_0_255.npy"))(
+        images(size=64)))
+
+
+def test_reference_without_a_file_is_a_clear_error() -> None:
+    alternatives = "PreActResNet18, VGG19BN, EfficientNetB3, MobileNetV3Large.*`generate`.*`pattern: <file.npy>`"
+    with pytest.raises(ValueError, match="no BackdoorBench file for backbone SmallCNN.*" + alternatives):
+        LowFrequency("reference").bind_run("cifar10", 0, "data", backbone("small_cnn"))
+    with pytest.raises(ValueError, match="for dataset 'digits'.*cifar10, gtsrb, tiny_imagenet x.*" + alternatives):
+        LowFrequency("reference").bind_run("digits", 0, "data", backbone("preact_resnet18"))
+    with pytest.raises(ValueError, match="reference is chosen per run.*bind_run"):
+        LowFrequency("reference")(images())
 
 
 def test_apply_formula_and_resize(tmp_path) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from datamodules.cache import fingerprint
 from datamodules.triggers import SIG, TRIGGERS, BadNets, Blended, apply_badnets, apply_blended, build_trigger
 from tests.test_lf import example_pattern_file as lf_example_pattern_file
+from tests.test_resources import block_downloads
 
 
 # How to build a small valid instance of each registered trigger (default construction where that works).
@@ -143,6 +146,50 @@ def test_blended_picture(tmp_path) -> None:
     record = trigger.record()
     path.unlink()
     assert torch.equal(build_trigger(record)(x), trigger(x))
+
+
+def test_blended_hello_kitty_resource(shared_data, tmp_path, monkeypatch) -> None:
+    """`image: hello_kitty` is BackdoorBench's picture found in the run's data folder: the same images as the
+    explicit file; rebuilt from its record it needs no file; the record does not depend on the folder."""
+    block_downloads(monkeypatch)
+    x = images()
+    named = Blended(image="hello_kitty")
+    named.bind_run("cifar10", 0, str(shared_data), None)
+    named.fit(x, torch.zeros(len(x)))
+    picture = shared_data / "triggers" / "blended" / "hello_kitty.jpeg"
+    assert torch.equal(named(x), Blended(image=str(picture))(x))
+    assert not torch.equal(named(x), Blended()(x)), "not the noise default"
+    record = named.record()
+    rebuilt = build_trigger(record)
+    rebuilt.bind_run("cifar10", 0, str(tmp_path / "elsewhere"), None)  # no file there, and no network
+    assert torch.equal(rebuilt(x), named(x))
+    copy = tmp_path / "data" / "triggers" / "blended" / "hello_kitty.jpeg"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(picture, copy)
+    other = Blended(image="hello_kitty")
+    other.bind_run("cifar10", 0, str(tmp_path / "data"), None)
+    other.fit(x, torch.zeros(len(x)))
+    assert fingerprint(other.record()) == fingerprint(record), "the cache key does not depend on the folder"
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(Blended(image="hello_kitty")(x), named(x)), "without bind_run: looked up in ./data"
+    with pytest.raises(FileNotFoundError, match="'hello-kitty' is neither a file nor a registered resource"):
+        Blended(image="hello-kitty")(x)
+
+
+def test_badnets_trigger_resource(shared_data, tmp_path, monkeypatch) -> None:
+    """`image: badnet_trigger` at 32 px is exactly the default 3x3 square; at 64 px it is the reference's resized
+    picture (not our scaled 6x6 square); rebuilt from its record it needs no file."""
+    block_downloads(monkeypatch)
+    x32, x64 = images(), images(size=64)
+    named = BadNets(image="badnet_trigger")
+    named.bind_run("tiny_imagenet", 0, str(shared_data), None)
+    assert torch.equal(named(x32), BadNets()(x32))
+    explicit = BadNets(image=str(shared_data / "triggers" / "badnet" / "trigger_image.png"))
+    assert torch.equal(named(x64), explicit(x64))
+    assert not torch.equal(named(x64), BadNets()(x64))
+    rebuilt = build_trigger(named.record())
+    rebuilt.bind_run("tiny_imagenet", 0, str(tmp_path), None)  # no file there, and no network
+    assert torch.equal(rebuilt(x64), named(x64)) and torch.equal(rebuilt(x32), named(x32))
 
 
 def test_sig_equals_formula() -> None:

@@ -3,10 +3,12 @@
 Default as in BackdoorBench: a 3x3 white (255) square in the bottom-right corner of a 32x32 image (rows and
 columns 29..31). `patch_size=None` scales the square with the image (3 px per 32 px: 6x6 at 64x64, where the
 reference resizes its trigger picture to a 5x5 core plus a grey ramp). `image` takes a trigger picture
-like BackdoorBench's `resource/badnet/trigger_image.png` instead: it is resized to the image size
-bilinearly, as the reference does (its 32x32 picture becomes a 5x5 white core with a 2 px grey ramp at 64x64),
-and every nonzero pixel replaces the image pixel; the resolved picture travels in the checkpoint (extra state),
-so a run can be evaluated without the file. Cost: one `torch.where` per batch.
+instead: a file path, or the resource name `badnet_trigger` (BackdoorBench's resource/badnet/trigger_image.png,
+fetched once into `<data_dir>/triggers/badnet/` and sha256-checked, datamodules/resources.py;
+configs/attack/survey/badnets.yaml). It is resized to the image size bilinearly, as the reference does (at 32 px
+`badnet_trigger` is exactly the default square; at 64 px a 5x5 white core with a 2 px grey ramp), and every
+nonzero pixel replaces the image pixel; the resolved picture travels in the checkpoint (extra state), so a run
+can be evaluated without the file. Cost: one `torch.where` per batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from datamodules.resources import resolve_file
 from datamodules.triggers.base import Trigger, check_images
 
 
@@ -45,7 +48,9 @@ class BadNets(Trigger):
         patch_size: side of the square in pixels; None: 3 px per 32 px of image side.
         value: pixel value of the square, 0..255.
         top, left: position of the square's top-left corner; None: flush with the bottom / right edge.
-        image: path of a trigger picture whose nonzero pixels replace the image (overrides the square).
+        image: a trigger picture whose nonzero pixels replace the image (overrides the square): a file path, or
+            a registered resource name (`badnet_trigger`) found in the run's data folder (given by `bind_run`;
+            `data` for a trigger used without one) and downloaded there once when missing.
     """
 
     def __init__(
@@ -67,7 +72,7 @@ class BadNets(Trigger):
     def pattern_and_mask(self, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
         if shape not in self._cache:
             if self.image is not None:
-                self._cache[shape] = _picture_patch(self.image, shape)
+                self._cache[shape] = _picture_patch(resolve_file(self.image, self._data_dir, "BadNets image"), shape)
             else:
                 size = self.patch_size or max(1, round(3 * shape[1] / 32))
                 top = shape[1] - size if self.top is None else self.top

@@ -20,6 +20,7 @@ class Trigger(nn.Module):
 
     clean_label: ClassVar[bool] = False  # True: poison only target-class images and keep their labels
     from_record: bool = False  # set by build_trigger: the state came from a checkpoint, nothing to fit
+    _data_dir: str = "data"  # where resource names (datamodules/resources.py) are looked up; the run's, once bound
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -34,8 +35,10 @@ class Trigger(nn.Module):
     def bind_run(self, dataset: str, target: int, data_dir: str, backbone: dict[str, Any] | None) -> None:
         """Learn which run this trigger poisons (dataset name, target class, data folder, the victim's backbone
         {class_path, init_args} or None), filling settings left to the run and raising where an explicit one
-        contradicts it. `BackdoorDataModule.setup` calls it before `fit`. A no-op for most triggers; LF
-        generates its pattern for the run's dataset and target against a surrogate of the run's backbone."""
+        contradicts it. `BackdoorDataModule.setup` calls it before `fit`. Here: resource names (Blended's
+        `hello_kitty`, BadNets' `badnet_trigger`) are then looked up in the run's data folder; LF also generates
+        its pattern for the run's dataset and target against a surrogate of the run's backbone."""
+        self._data_dir = data_dir
 
     def report(self) -> dict[str, Any]:
         """Plain facts about how the trigger was made (SSBA: encoder cost, bit accuracy, PSNR; LF: fooling

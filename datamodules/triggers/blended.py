@@ -1,9 +1,12 @@
 """Blended (Chen et al. 2017): x' = (1 - alpha) x + alpha T, rounded to the nearest integer and clipped.
 
 alpha = 0.2 at training and test time (BackdoorBench). T defaults to a seeded uniform-noise image (the
-original paper's random pattern), generated at the image size; `image` takes any picture instead
-(the survey used BackdoorBench's Hello Kitty, resized bilinearly to H x W). The reference truncates
-the blend to uint8; we round, which differs by at most one grey level. Cost: one fused blend per batch.
+original paper's random pattern), generated at the image size; `image` takes any picture instead, resized
+bilinearly to H x W: a file path, or the resource name `hello_kitty` (BackdoorBench's
+resource/blended/hello_kitty.jpeg, the picture the survey used; configs/attack/survey/blended.yaml), which is
+fetched once into `<data_dir>/triggers/blended/` and sha256-checked (datamodules/resources.py). The resolved
+picture travels in checkpoints, so a run rebuilds without the file. The reference truncates the blend to
+uint8; we round, which differs by at most one grey level. Cost: one fused blend per batch.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from datamodules.resources import resolve_file
 from datamodules.triggers.base import Trigger, check_images, to_uint8
 
 
@@ -32,7 +36,9 @@ def noise_pattern(shape: tuple[int, int, int], seed: int) -> Tensor:
 class Blended(Trigger):
     """Args:
         alpha: blend weight of the pattern, in [0, 1].
-        image: path of a picture to blend; None: uniform noise drawn with `seed`.
+        image: a picture to blend: a file path, or a registered resource name (`hello_kitty`) found in the
+            run's data folder (given by `bind_run`; `data` for a trigger used without one) and downloaded
+            there once when missing; None: uniform noise drawn with `seed`.
         seed: seed of the noise pattern.
     """
 
@@ -50,7 +56,7 @@ class Blended(Trigger):
                 self._patterns[key] = noise_pattern(shape, self.seed)
             else:
                 channels, height, width = shape
-                with Image.open(self.image) as img:
+                with Image.open(resolve_file(self.image, self._data_dir, "Blended image")) as img:
                     img = img.convert("RGB").resize((width, height), Image.BILINEAR)
                     arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[:channels]
                 self._patterns[key] = arr.contiguous()

@@ -4,12 +4,18 @@ Perspective", ICCV 2021): x' = clip(round(x + P), 0, 255) with P a smooth, non-n
 P is held as float32 (C, H, W) on the 0..255 scale (BackdoorBench's uint8 files hold 0..51, i.e. [0, 0.2] of
 the 0..1 scale) and travels in checkpoints as extra state, so a run rebuilds without the file or the surrogate.
 Where it comes from (exactly one):
-- `pattern`, a BackdoorBench-style .npy file. Two formats exist in resource/lowFrequency: uint8 (H, W, 3)
-  0..51, and float32 (1, H, W, 3) 0..0.2 (the VGG-19-BN, ConvNeXt and ViT files). The reference adds the
-  float ones unchanged to 0..255 images, which truncates back to the clean image: a null trigger, so the
-  survey's LF on VGG-19-BN carried none. Here `scale` says how to read a file: "0-255" as is, "0-1" times 255,
-  "auto" by dtype and values (integers: 0-255; floats above 1: 0-255; floats within [-1, 1]: 0-1; all-zero
-  files, and floats that are all -1, 0 or 1, are ambiguous and raise).
+- `pattern`, a BackdoorBench-style .npy file: a path, a registered resource name (`lf_<dataset>_<model>`, e.g.
+  `lf_cifar10_preactresnet18`), or `reference`: BackdoorBench's file for the run's dataset and victim backbone
+  (cifar10 / gtsrb / tiny_imagenet x PreActResNet18 / VGG19BN / EfficientNetB3 / MobileNetV3Large, bound by
+  `bind_run`; configs/attack/survey/lf.yaml). Resource files are fetched once into
+  `<data_dir>/triggers/lowFrequency/` and sha256-checked (datamodules/resources.py). Two formats exist in
+  resource/lowFrequency: uint8 (H, W, 3) 0..51, and float32 (1, H, W, 3) 0..0.2 (the VGG-19-BN, ConvNeXt and
+  ViT files). The reference adds the float ones unchanged to 0..255 images, which truncates back to the clean
+  image: a null trigger, so the survey's LF on VGG-19-BN carried none. Here `scale` says how to read a file:
+  "0-255" as is, "0-1" times 255, "auto" by dtype and values (integers: 0-255; floats above 1: 0-255; floats
+  within [-1, 1]: 0-1; all-zero files, and floats that are all -1, 0 or 1, are ambiguous and raise). So
+  `reference` on VGG-19-BN (with `scale: auto`) is a real 0..51 trigger, *not* the survey's null trigger: a
+  pitfall of the reference we do not reproduce.
 - `generate`, the settings of datamodules/lf_pattern.py (a targeted universal adversarial perturbation
   against a clean surrogate, cached per dataset, surrogate and seed). Settings left None are the run's:
   BackdoorDataModule hands the trigger its dataset, target, data folder and the victim's backbone
@@ -36,10 +42,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datamodules import resources
 from datamodules.lf_pattern import PatternGeneration, generate_pattern
 from datamodules.triggers.base import Trigger, check_images, to_uint8
 
 Scale = Literal["auto", "0-255", "0-1"]
+REFERENCE = "reference"  # `pattern`: BackdoorBench's file for the run's dataset and victim backbone
+# BackdoorBench's names of our datasets and backbone classes in resource/lowFrequency/<dataset>_<model>_0_255.npy
+REFERENCE_DATASETS = {"cifar10": "cifar10", "gtsrb": "gtsrb", "tiny_imagenet": "tiny"}
+REFERENCE_BACKBONES = {"PreActResNet18": "preactresnet18", "VGG19BN": "vgg19_bn", "EfficientNetB3": "efficientnet_b3",
+                       "MobileNetV3Large": "mobilenet_v3_large"}
+
+
+def reference_resource(dataset: str, backbone: dict[str, Any] | None) -> str:
+    """The resource name of BackdoorBench's LF file for a dataset and a victim backbone {class_path, init_args}."""
+    model = str(backbone["class_path"]).rpartition(".")[2] if backbone is not None else None
+    if dataset not in REFERENCE_DATASETS or model not in REFERENCE_BACKBONES:
+        what = (f"dataset {dataset!r}" if dataset not in REFERENCE_DATASETS else
+                "an unknown victim backbone (none given)" if model is None else f"backbone {model}")
+        raise ValueError(
+            f"LF pattern: {REFERENCE} has no BackdoorBench file for {what}: reference files exist for datasets "
+            f"{', '.join(REFERENCE_DATASETS)} x backbones {', '.join(REFERENCE_BACKBONES)}. Use `generate` (a "
+            f"pattern generated against a surrogate of the victim; configs/attack/lf.yaml) or `pattern: <file.npy>`.")
+    return f"lf_{REFERENCE_DATASETS[dataset]}_{REFERENCE_BACKBONES[model]}"
 
 
 def plain_report(info: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +123,10 @@ def read_pattern(path: str, scale: Scale = "auto") -> Tensor:
 
 class LowFrequency(Trigger):
     """Args:
-        pattern: path of a pattern .npy file (BackdoorBench's resource/lowFrequency format).
+        pattern: a pattern .npy file (BackdoorBench's resource/lowFrequency format): a path, a registered resource
+            name (`lf_cifar10_preactresnet18`, ...), or `reference` (the file for the run's dataset and victim
+            backbone, set by `bind_run`). Resource names are found in the run's data folder (`data` for a trigger
+            used without `bind_run`) and downloaded there once when missing.
         scale: the file's scale: "0-255", "0-1", or "auto" (decided by dtype and range; raises where ambiguous).
         generate: settings to generate the pattern instead (datamodules.lf_pattern.PatternGeneration).
     """
@@ -122,23 +150,41 @@ class LowFrequency(Trigger):
         self._pattern: Tensor | None = None
         self._sized: dict[tuple[int, int, str], Tensor] = {}
         self.info: dict[str, Any] = {}  # generation diagnostics (fooling rates, seconds)
+        self._reference: str | None = None  # pattern `reference`: the resource chosen by bind_run
 
     def resolved(self) -> Tensor:
         """The pattern (C, H, W), float32 on the 0..255 scale, read or generated on first use."""
         if self._pattern is None:
             if self.pattern is not None:
-                self._pattern = read_pattern(self.pattern, self.scale)
+                self._pattern = read_pattern(self.pattern_file(), self.scale)
             else:
                 out = generate_pattern(PatternGeneration.from_value(self.generate))
                 self._pattern = out["pattern"].float()
                 self.info = {k: v for k, v in out.items() if k != "pattern"}
         return self._pattern
 
+    def pattern_file(self) -> str:
+        """The path of the `pattern` file (a resource name resolved in the data folder, fetched if missing)."""
+        name = self._reference if self.pattern == REFERENCE else self.pattern
+        if name is None:
+            raise ValueError(f"LF pattern: {REFERENCE} is chosen per run (dataset and victim backbone): "
+                             f"BackdoorDataModule binds it; used directly, call bind_run(dataset, target, data_dir, "
+                             f"backbone) first, or give a file or a resource name such as lf_cifar10_preactresnet18")
+        return str(resources.resolve(name, self._data_dir)) if resources.is_resource(name) else name
+
     def bind_run(self, dataset: str, target: int, data_dir: str, backbone: dict[str, Any] | None) -> None:
-        """Generation settings left as None take the run's dataset, target, data folder and victim backbone
-        (the surrogate: a clean model of the victim's architecture, as the survey's per-model patterns). An
-        explicit dataset or target that differs from the run's is refused: a universal perturbation toward one
-        dataset's target class would silently be another attack."""
+        """A pattern resource is found in the run's data folder; `reference` picks BackdoorBench's file for the
+        run's dataset and victim backbone (an error where none exists). Generation settings left as None take
+        the run's dataset, target, data folder and victim backbone (the surrogate: a clean model of the victim's
+        architecture, as the survey's per-model patterns). An explicit dataset or target that differs from the
+        run's is refused: a universal perturbation toward one dataset's target class would silently be another
+        attack."""
+        super().bind_run(dataset, target, data_dir, backbone)
+        if self.pattern == REFERENCE:
+            chosen = reference_resource(dataset, backbone)
+            if chosen != self._reference:
+                self._reference, self._pattern = chosen, None
+                self._sized.clear()
         if self.generate is None or self._pattern is not None:
             return
         g = dict(self.generate)
@@ -161,7 +207,9 @@ class LowFrequency(Trigger):
         self.resolved()
 
     def report(self) -> dict[str, Any]:
-        """Generation diagnostics (fooling rates per pass, seconds; empty for a pattern file)."""
+        """Generation diagnostics (fooling rates per pass, seconds); for `reference`, the file it chose."""
+        if self._reference is not None and self.pattern == REFERENCE:
+            return {"reference": resources.get(self._reference).relative_path}
         return plain_report(self.info)
 
     def pattern_for(self, x: Tensor) -> Tensor:
@@ -180,9 +228,13 @@ class LowFrequency(Trigger):
         return apply_lf(x, self.pattern_for(x))
 
     def get_extra_state(self) -> Any:
-        return {"pattern": self.resolved().clone()}
+        state = {"pattern": self.resolved().clone()}
+        if self.pattern == REFERENCE:
+            state["reference"] = self._reference  # which file `reference` chose (a rebuilt run need not bind)
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         if state and state.get("pattern") is not None:
             self._pattern = state["pattern"].float().cpu()
+            self._reference = state.get("reference")
             self._sized.clear()

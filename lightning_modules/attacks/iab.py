@@ -23,7 +23,8 @@ Differences from the reference (BackdoorBench's inputaware.py) and why:
   not a batch from a second shuffled loader: half the data loading, same distribution; G and M run once on
   the backdoor and cross-source images together (BatchNorm statistics over 2n instead of n images).
 - G's gradients are zeroed every step; the reference only zeroes C's, so G's gradients accumulate over the
-  whole run (a bug).
+  whole run (a bug, which the survey's models carry: `accumulate_generator_grads: true` reproduces it, and the
+  survey profile, configs/attack/survey/iab.yaml, sets it).
 - the classifier is trained on float backdoor images; evaluation triggers uint8 images (rounded; <= 0.5/255).
 - BackdoorBench's random poisoning of batches below one poisoned sample (p * B < 1) is not reproduced:
   such ratios poison nothing (int(p*B) = 0), as the base class defines.
