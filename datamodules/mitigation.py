@@ -99,7 +99,9 @@ class MitigationDataModule(L.LightningDataModule):
         x_test, y_test = source.load(data_dir, "test")
         poisoned = attack["poison_indices"] if attack else None
         if self.spc is not None:
-            self.split = split_by_spc(y_train, self.spc, self.split_seed, poisoned, self.val_fraction)
+            # clean-label attacks may leave a class without unpoisoned images: D_m then takes clean originals
+            originals = bool(attack and attack.get("clean_label"))
+            self.split = split_by_spc(y_train, self.spc, self.split_seed, poisoned, self.val_fraction, originals)
         else:
             self.split = split_by_ratio(y_train, self.ratio, self.split_seed, poisoned, self.val_fraction)
         tr, va = self.split.train, self.split.val
@@ -146,6 +148,7 @@ class MitigationDataModule(L.LightningDataModule):
             "spc": self.spc, "ratio": self.ratio, "split_seed": self.split_seed,
             "val_fraction": self.val_fraction, "samples_per_epoch": self.samples_per_epoch,
             "val_convention": self.split.convention if self.split else None,
+            "dm_source": self.split.source if self.split else None,
             "num_train": len(self.split.train) if self.split else None,
             "num_val": len(self.split.val) if self.split else None,
         }

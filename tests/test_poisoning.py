@@ -78,3 +78,25 @@ def test_backdoor_test_set(mode: str) -> None:
 def test_bad_attack_args(ratio, target, mode, match) -> None:
     with pytest.raises(ValueError, match=match):
         check_attack_args(ratio, target, 10, mode)
+
+
+@pytest.mark.parametrize("trigger, ratio", [(BadNets(), 0.1), (SIG(), 0.05)])
+def test_datamodule_poisons_exactly_the_recorded_indices(trigger, ratio: float) -> None:
+    """What BackdoorDataModule trains on: pixels changed only at its poison_indices (all of them, by the trigger),
+    labels set to the target there and nowhere else; a clean-label trigger keeps every label."""
+    from datamodules import BackdoorDataModule
+    from datamodules.datasets import get_dataset
+
+    data = BackdoorDataModule("digits", trigger=trigger, poison_ratio=ratio, target=0, cache_dir=None)
+    data.setup("fit")
+    x, y = data.tensors("train")
+    x0, y0 = get_dataset("digits").load("data", "train")
+    idx = data.poison_indices
+    changed = torch.nonzero((x != x0).flatten(1).any(1)).flatten()
+    assert len(idx) == round(ratio * len(y0)) and torch.equal(changed, idx)
+    assert torch.equal(x[idx], trigger(x0[idx]))
+    relabelled = torch.nonzero(y != y0).flatten()
+    if trigger.clean_label:
+        assert len(relabelled) == 0 and (y0[idx] == 0).all()
+    else:
+        assert (y[idx] == 0).all() and torch.equal(relabelled, idx[y0[idx] != 0])

@@ -64,6 +64,40 @@ def test_mitigation_set_from_checkpoint(backdoored_checkpoint) -> None:
         too_many.setup("fit")
 
 
+def test_clean_label_dm_takes_clean_originals(tmp_path) -> None:
+    """A SIG record poisoning every class-0 image (digits: 142 of 1,438, ratio 0.0987): the defender's D_m for
+    class 0 are the clean originals of poisoned images, the images are the clean source's, and the record says
+    where D_m came from. A dirty-label record with the same indices is refused: no clean-label fallback there."""
+    from datamodules.datasets import Digits
+    from datamodules.record import BACKDOOR_KEY, RECORD_VERSION
+    from datamodules.triggers import SIG, BadNets
+    from lightning_modules.backbones import backbone_config
+
+    x0, labels = Digits().load("data", "train")
+    every_zero = poison_indices(labels, 142 / len(labels), 0, target=0, clean_label=True)
+    assert len(every_zero) == int((labels == 0).sum()) == 142
+    paths = {}
+    for trigger in (SIG(), BadNets()):
+        record = {"version": RECORD_VERSION, "backbone": {**backbone_config(SmallCNN), "init_args": {}},
+                  "data": {"dataset": "digits", "data_dir": "data", "spec": Digits.spec.to_dict()},
+                  "attack": {"name": type(trigger).__name__, "trigger": trigger.record(), "target": 0,
+                             "mode": "all_to_one", "poison_ratio": 0.0987, "poison_seed": 0,
+                             "ratio_over_target": False, "clean_label": trigger.clean_label,
+                             "training_controlled": False, "poison_indices": every_zero}}
+        paths[trigger.clean_label] = tmp_path / f"{type(trigger).__name__}.ckpt"
+        state = {f"net.{k}": v for k, v in SmallCNN(10).state_dict().items()}
+        torch.save({"state_dict": state, BACKDOOR_KEY: record, "hyper_parameters": {}}, paths[trigger.clean_label])
+    data = MitigationDataModule(spc=10, split_seed=0, backdoored=str(paths[True]))
+    data.setup("fit")
+    x, y = data.tensors("train")
+    assert torch.bincount(y).tolist() == [10] * 10
+    assert torch.equal(x, x0[data.split.train])  # the clean originals, not SIG-triggered images
+    assert torch.isin(data.split.train, every_zero).sum() == 10
+    assert data.record()["dm_source"] == "unpoisoned images + clean originals of poisoned images (class 0: 10)"
+    with pytest.raises(ValueError, match=r"class 0 has 0 clean training images \(142 of its 142"):
+        MitigationDataModule(spc=10, backdoored=str(paths[False])).setup("fit")
+
+
 def test_notebook_load_from_checkpoint(backdoored_checkpoint) -> None:
     module = VictimTraining.load_from_checkpoint(backdoored_checkpoint["path"], map_location="cpu")
     run = load_attacked(backdoored_checkpoint["path"])
