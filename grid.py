@@ -3,6 +3,7 @@
     python grid.py run configs/grids/quickstart.yaml                  # offline, CPU, a few minutes
     python grid.py run configs/grids/survey.yaml --devices 0,1,2,3    # one worker per GPU
     python grid.py count configs/grids/survey.yaml                    # how many runs the grid expands to
+    python grid.py check configs/grids/survey.yaml                    # is every run feasible? (nothing trained)
     python grid.py sweep configs/grids/survey.yaml                    # W&B sweep YAMLs (sub-sweeps)
     python grid.py one configs/grids/survey.yaml --run <key>          # one run (what sweep agents execute)
     python grid.py report runs/                                       # every grid under runs/: tables + figures
@@ -17,21 +18,54 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from experiments.grid import Grid
 from experiments.sweeps import DEFAULT_MAX_RUNS
 
 
+def load(path: str) -> Grid:
+    """Grid.load, with a bad grid file reported in one line instead of a traceback."""
+    try:
+        return Grid.load(path)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as err:
+        raise SystemExit(f"{path}: {' '.join(str(err).split())}") from None
+
+
+def checked(grid: Grid, command: str) -> None:
+    """Refuse to start `command` on a grid with infeasible runs (see `grid.py check`)."""
+    from experiments.check import check_grid
+
+    report = check_grid(grid)
+    if report.infeasible:
+        print("\n".join(report.lines()))
+        raise SystemExit(f"{grid.name}: not starting `grid.py {command}`: {report.infeasible} of {report.cells} runs "
+                         f"cannot run (above); fix the grid and check it with `python grid.py check {grid.source}`")
+    print(f"{grid.name}: checked, {report.lines()[-1]}")
+
+
 def cmd_count(args: argparse.Namespace) -> None:
-    grid = Grid.load(args.grid)
+    grid = load(args.grid)
     attacks = grid.attack_runs()
     defenses = grid.defense_runs(attacks)
     print(f"{grid.name}: {len(attacks)} attacked models, {len(defenses)} defense runs")
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    from experiments.check import check_grid
+
+    report = check_grid(load(args.grid))
+    print("\n".join(report.lines()))
+    if report.infeasible:
+        sys.exit(1)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from experiments.runner import run_grid
 
-    grid = Grid.load(args.grid)
+    grid = load(args.grid)
+    if not args.skip_check:
+        checked(grid, "run")
     devices = ["cpu"] if args.devices == "cpu" else args.devices.split(",")
     try:
         summary = run_grid(grid, devices, args.jobs_per_device, args.wandb_project, progress=not args.quiet)
@@ -61,7 +95,7 @@ def locked(path: Path):
 def cmd_one(args: argparse.Namespace) -> None:
     from experiments.runner import attack_job, defense_job, execute, read_marker
 
-    grid = Grid.load(args.grid)
+    grid = load(args.grid)  # no full check here: once per sweep job, it must stay fast
     project = args.wandb_project
     if project is None and os.environ.get("WANDB_SWEEP_ID"):  # under a sweep agent: log to the sweep's project
         project = os.environ.get("WANDB_PROJECT", "backdoor-mitigation-bench")
@@ -88,7 +122,9 @@ def cmd_one(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from experiments.sweeps import write_sweeps
 
-    grid = Grid.load(args.grid)
+    grid = load(args.grid)
+    if not args.skip_check:
+        checked(grid, "sweep")
     out = Path(args.out or grid.runs_dir / "sweeps")
     paths = write_sweeps(grid, args.grid, out, args.max_runs)
     print(f"wrote {len(paths)} sweep configs and launch.sh to {out}. `bash {out / 'launch.sh'} <project>` creates "
@@ -118,12 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("count", help="print how many runs a grid expands to")
     p.add_argument("grid")
     p.set_defaults(func=cmd_count)
+    p = sub.add_parser("check", help="check that every run of a grid parses and is feasible, training nothing")
+    p.add_argument("grid")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("run", help="run every unfinished run of a grid")
     p.add_argument("grid")
     p.add_argument("--devices", default="cpu", help="'cpu' or comma-separated GPU indices, e.g. 0,1,2,3")
     p.add_argument("--jobs-per-device", type=int, default=1)
     p.add_argument("--wandb-project", default=None, help="also log every run to this W&B project")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--skip-check", action="store_true", help="start without `grid.py check` first")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("one", help="run one run of a grid by key (what W&B sweep agents call)")
     p.add_argument("grid")
@@ -135,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS,
                    help=f"run keys per sub-sweep (default {DEFAULT_MAX_RUNS})")
+    p.add_argument("--skip-check", action="store_true", help="write the sweeps without `grid.py check` first")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="results table, figures and summary from a runs folder")
     p.add_argument("runs_dir")

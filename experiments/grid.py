@@ -5,6 +5,7 @@ A grid file (configs/grids/*.yaml):
     name: quickstart
     runs_dir: runs/grids/quickstart      # attacked models and defense runs go here
     data_dir: data
+    profile: null                        # e.g. survey: also configs/{attack,defense}/survey/<name>.yaml
     attacks:                             # every combination is one attacked model
       datasets: [digits]
       attacks: [badnets, blended]        # configs/attack/<name>.yaml (+ configs/attack/<dataset>/<name>.yaml)
@@ -22,6 +23,10 @@ A grid file (configs/grids/*.yaml):
       per_defense_args: {}               # defense name -> extra arguments
     exclude:                             # a run matching every key of an entry is dropped
       - {defense: nc, dataset: [gtsrb, tiny_imagenet]}
+
+A profile is a folder of config overlays, one per method, applied after the method's own config and before its
+dataset's: `profile: survey` runs every method with the behaviours the survey's numbers depend on where they
+differ from the project's defaults (docs/fidelity.md lists each one and why).
 
 Runs are identified by a readable key plus a hash of their arguments and of the contents of the config files they
 name (parsed: a comment or layout edit keeps the key), so changing an override or a value in a config YAML makes
@@ -123,6 +128,7 @@ class Grid:
     name: str
     runs_dir: Path
     data_dir: str = "data"
+    profile: str | None = None  # configs/{attack,defense}/<profile>/ overlays
     attacks: dict[str, Any] = field(default_factory=dict)
     defenses: dict[str, Any] = field(default_factory=dict)
     exclude: list[dict[str, Any]] = field(default_factory=list)
@@ -135,11 +141,12 @@ class Grid:
         if not path.is_file():
             raise FileNotFoundError(f"grid file {path} not found (see configs/grids/ for examples)")
         raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"name", "runs_dir", "data_dir", "attacks", "defenses", "exclude"}
+        unknown = set(raw) - {"name", "runs_dir", "data_dir", "profile", "attacks", "defenses", "exclude"}
         if unknown:
             raise ValueError(f"{path}: unknown grid keys {sorted(unknown)}")
         grid = cls(name=raw.get("name", path.stem), runs_dir=Path(raw.get("runs_dir", f"runs/grids/{path.stem}")),
-                   data_dir=str(raw.get("data_dir", "data")), attacks=raw.get("attacks") or {},
+                   data_dir=str(raw.get("data_dir", "data")), profile=raw.get("profile"),
+                   attacks=raw.get("attacks") or {},
                    defenses=raw.get("defenses") or {}, exclude=raw.get("exclude") or [], source=path)
         grid.validate()
         return grid
@@ -155,6 +162,10 @@ class Grid:
             for n in names:
                 if not (CONFIGS / folder / f"{n}.yaml").exists():
                     raise ValueError(f"grid {self.name}: unknown {what} {n!r} (no configs/{folder}/{n}.yaml)")
+        profiled = [CONFIGS / kind / str(self.profile) for kind in ("attack", "defense")]
+        if self.profile is not None and not any(p.is_dir() for p in profiled):
+            raise ValueError(f"grid {self.name}: unknown profile {self.profile!r} (no configs/attack/{self.profile}/ "
+                             f"or configs/defense/{self.profile}/)")
         for r in a["poison_ratios"]:
             if not 0 <= float(r) <= 1:
                 raise ValueError(f"grid {self.name}: poison ratio {r} outside [0, 1]")
@@ -171,14 +182,20 @@ class Grid:
                 return True
         return False
 
+    def method_configs(self, kind: str, name: str, dataset: str) -> list[Path]:
+        """configs/<kind>/<name>.yaml, then the profile's and the dataset's overlays (config_args skips absent ones)."""
+        folder = CONFIGS / kind
+        layers = [folder, *([folder / self.profile] if self.profile else []), folder / dataset]
+        return [layer / f"{name}.yaml" for layer in layers]
+
     def attack_runs(self) -> list[AttackRun]:
         a = self.attacks
         runs = []
         for dataset, attack, backbone, ratio, seed in itertools.product(
             a["datasets"], a["attacks"], a["backbones"], a["poison_ratios"], a.get("seeds", [0])
         ):
-            args = [*config_args(CONFIGS / "data" / f"{dataset}.yaml", CONFIGS / "attack" / f"{attack}.yaml",
-                                 CONFIGS / "attack" / dataset / f"{attack}.yaml", CONFIGS / "model" / f"{backbone}.yaml"),
+            args = [*config_args(CONFIGS / "data" / f"{dataset}.yaml", *self.method_configs("attack", attack, dataset),
+                                 CONFIGS / "model" / f"{backbone}.yaml"),
                     "--data.init_args.poison_ratio", str(ratio), "--data.init_args.data_dir", self.data_dir,
                     "--seed_everything", str(seed), *map(str, a.get("args", [])),
                     *map(str, a.get("per_attack_args", {}).get(attack, []))]
@@ -197,8 +214,7 @@ class Grid:
             for defense in d.get("defenses", []):
                 combos = [(spcs[0], seeds[0])] if defense in once else itertools.product(spcs, seeds)
                 for spc, seed in combos:
-                    args = [*config_args(CONFIGS / "defense" / f"{defense}.yaml",
-                                         CONFIGS / "defense" / attack.dataset / f"{defense}.yaml"),
+                    args = [*config_args(*self.method_configs("defense", defense, attack.dataset)),
                             "--data.spc", str(spc), "--data.split_seed", str(seed), "--seed_everything", str(seed),
                             *map(str, d.get("args", [])), *map(str, d.get("per_defense_args", {}).get(defense, []))]
                     run = DefenseRun(attack, defense, int(spc), int(seed), tuple(args), short_hash(args, self.digests))

@@ -131,6 +131,30 @@ def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
     assert keys(clone)["attack"] != original["attack"]
 
 
+def test_profile_adds_overlays_between_method_and_dataset_configs(tmp_path) -> None:
+    """`profile: survey` puts configs/<kind>/survey/<name>.yaml after the method's config and before its
+    dataset's (so a dataset value still wins), for attacks and defenses; methods without an overlay are unchanged."""
+    path = write_grid(tmp_path, attacks={"datasets": ["tiny_imagenet"], "attacks": ["iab", "badnets", "sig"],
+                                         "backbones": ["small_cnn"], "poison_ratios": [0.1]},
+                      defenses={"defenses": ["bnp", "ft"], "spc": [2]})
+
+    def configs(args: tuple[str, ...]) -> list[str]:
+        return [Path(a).relative_to(CONFIGS).as_posix() for prev, a in zip(("", *args), args) if prev == "--config"]
+
+    plain, survey = Grid.load(path), Grid.load(write_grid(tmp_path, profile="survey",
+                                                          **yaml.safe_load(path.read_text())))
+    iab, badnets, sig = survey.attack_runs()
+    assert configs(iab.args)[1:3] == ["attack/iab.yaml", "attack/survey/iab.yaml"]
+    assert configs(sig.args)[1:3] == ["attack/sig.yaml", "attack/tiny_imagenet/sig.yaml"]  # no survey overlay
+    assert configs(badnets.args)[1:3] == ["attack/badnets.yaml", "attack/survey/badnets.yaml"]
+    bnp = survey.defense_runs([iab])[0]
+    assert configs(bnp.args) == ["defense/bnp.yaml", "defense/survey/bnp.yaml", "defense/tiny_imagenet/bnp.yaml"]
+    assert [a.key for a in plain.attack_runs()][2] == sig.key  # no overlay: the same run
+    assert [a.key for a in plain.attack_runs()][0] != iab.key
+    with pytest.raises(ValueError, match="unknown profile 'paper'"):
+        Grid.load(write_grid(tmp_path, profile="paper"))
+
+
 @pytest.mark.parametrize("change, match", [
     ({"attacks": {"datasets": ["mnist"], "attacks": ["badnets"], "backbones": ["small_cnn"], "poison_ratios": [0.1]}},
      "unknown dataset 'mnist'"),

@@ -19,6 +19,7 @@ class CIFAR10(ImageDataset):
         std=(0.247, 0.243, 0.261),
         hflip=True,
     )
+    train_class_sizes = (5000,) * 10  # official training images per class (the check of a grid without data)
 
     def read_source(self, raw_dir: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
         from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10

@@ -32,6 +32,7 @@ class TinyImageNet(ImageDataset):
         std=(0.2302, 0.2265, 0.2262),
         hflip=False,
     )
+    train_class_sizes = (500,) * 200  # official training images per class (the check of a grid without data)
 
     def read_source(self, raw_dir: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
         root = raw_dir / "tiny-imagenet-200"
