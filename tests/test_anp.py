@@ -129,6 +129,11 @@ def test_choose_threshold_rule() -> None:
     assert choose_threshold(0.8, curve[:3], 0.1) == 0.05
     assert choose_threshold(0.8, [{"threshold": 0.0, "val_acc": 0.72}], 0.1) is None  # exactly 10% fails
     assert choose_threshold(None, curve, 0.1) is None
+    # the fork's symmetric rule refuses a rise of 10% or more too
+    rising = [{"threshold": t, "val_acc": a} for t, a in [(0.0, 0.8), (0.05, 0.85), (0.1, 0.9), (0.15, 0.75)]]
+    assert choose_threshold(0.8, rising, 0.1) == 0.15
+    assert choose_threshold(0.8, rising, 0.1, symmetric=True) == 0.15  # 0.75: -6% is fine, +12.5% is not
+    assert choose_threshold(0.8, rising[:3], 0.1, symmetric=True) == 0.05
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -172,3 +177,35 @@ def test_samples_per_epoch_draws_with_replacement(backdoored_checkpoint) -> None
     assert sum(len(b[0]) for b in data.train_dataloader()) == len(x_train)
     with pytest.raises(ValueError, match="samples_per_epoch"):
         MitigationDataModule(samples_per_epoch=0)
+
+
+def test_adversarial_noise_ascends_the_loss(backdoored_checkpoint) -> None:
+    """The noise step is an ascent: the fitted noise raises CE on D_m far above no noise and above a random noise of
+    the same size (the uniform start plus a random sign step of eps); a descent step would lower it."""
+    import torch.nn.functional as F
+
+    from lightning_modules.defenses.pruning import masked_forward
+
+    path = backdoored_checkpoint["path"]
+    data = MitigationDataModule(spc=10, backdoored=str(path))
+    data.setup("fit")
+    x, y = data.tensors("train")
+    defense = ANP(str(path))
+    z = defense.inputs(x)
+    eps, masks = defense.hparams.eps, {n: m.detach() for n, m in defense.masks().items()}
+
+    @torch.no_grad()
+    def loss(noise_w: dict, noise_b: dict) -> float:  # the network in train mode, as in the mask optimisation
+        scale_w = {n: masks[n] + noise_w[n] for n in masks}
+        return float(F.cross_entropy(masked_forward(defense.net, z, scale_w, {n: 1 + noise_b[n] for n in masks}), y))
+
+    zero = {n: torch.zeros_like(m) for n, m in masks.items()}
+    gen = torch.Generator().manual_seed(1)
+
+    def random_noise() -> dict:
+        return {n: (torch.rand(m.shape, generator=gen) * 2 - 1) * eps
+                + eps * torch.randint(0, 2, m.shape, generator=gen).mul(2).sub(1) for n, m in masks.items()}
+
+    adversarial = loss(*defense.adversarial_noise(z, y))
+    clean, random = loss(zero, zero), loss(random_noise(), random_noise())
+    assert adversarial > clean + 2.0 and adversarial > 2 * random, (clean, random, adversarial)

@@ -90,3 +90,72 @@ def test_runs_on_every_backbone(name: str, backbone_checkpoint, tmp_path) -> Non
 def test_bad_hyperparameters_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         AWM("unused.ckpt", **kwargs)
+
+
+def test_delta_search_ascends_ce_against_own_predictions(backdoored_checkpoint, tmp_path) -> None:
+    """The universal perturbation is fitted by ascent: at its L1 bound it raises CE(f(x + delta), f(x)) on D_m far
+    above no perturbation and a random perturbation of the same L1 norm (a descent step would lower it)."""
+    import torch.nn.functional as F
+
+    from datamodules import MitigationDataModule
+
+    path = backdoored_checkpoint["path"]
+    fitted = []
+
+    class Recording(AWM):
+        def fit_delta(self) -> torch.Tensor:
+            fitted.append(super().fit_delta())
+            return fitted[-1]
+
+    defense = Recording(str(path), result_file=str(tmp_path / "result.json"), save_defended=False)
+    fit(defense, path, tmp_path, max_steps=1, batch_size=10, test_images=8)  # 10 ascent steps, one mask step
+    data = MitigationDataModule(spc=10, backdoored=str(path))
+    data.setup("fit")
+    z = defense.inputs(data.tensors("train")[0])
+    net = load_attacked(str(path)).net.eval()
+    delta = scale_l1(fitted[0], 1000.0)  # the default bound, as the mask step uses it
+    random = torch.randn(delta.shape, generator=torch.Generator().manual_seed(1))
+    random *= delta.abs().sum() / random.abs().sum()
+    with torch.no_grad():
+        own = net(z).argmax(1)
+        clean, searched, noise = (float(F.cross_entropy(net(z + d), own)) for d in (0.0, delta, random))
+    assert searched > clean + 5.0 and searched > 3 * noise, (clean, noise, searched)
+
+
+def test_mask_step_uses_true_labels_on_the_perturbed_images(backbone_checkpoint, tmp_path) -> None:
+    """One mask step on all of D_m, no augmentation: m <- clip(m - lr * grad) of alpha CE(x; y) + (1 - alpha)
+    CE(clip(x + delta); y) with the true labels y, recomputed by hand. An untrained network predicts other classes
+    than y, so labels taken from its predictions would give a different step."""
+    import torch.nn.functional as F
+
+    from datamodules import MitigationDataModule
+    from lightning_modules.defenses.pruning import masked_forward
+
+    path = backbone_checkpoint("small_cnn")
+    lr, alpha = 100.0, 0.3  # an untrained network's mask gradients are small (~1e-4)
+    defense = awm(path, tmp_path, lr=lr, alpha=alpha, l1_weight=0.0, save_defended=False)
+    defense.augment = torch.nn.Identity()
+    fit(defense, path, tmp_path, max_steps=1, batch_size=100, test_images=8)
+    data = MitigationDataModule(spc=10, backdoored=str(path))
+    data.setup("fit")
+    x, y = data.tensors("train")
+    fresh = AWM(str(path)).eval()
+    z = fresh.inputs(x)
+    with torch.no_grad():
+        assert (fresh(x).argmax(1) != y).float().mean() > 0.5  # own predictions are not the labels
+
+    def expected(labels_perturbed: torch.Tensor) -> torch.Tensor:
+        masks = {n: torch.ones_like(m, requires_grad=True) for n, m in fresh.masks().items()}
+        clean = F.cross_entropy(masked_forward(fresh.net, z, masks), y)
+        perturbed = F.cross_entropy(masked_forward(fresh.net, fresh.perturb(z, defense.delta), masks), labels_perturbed)
+        grads = torch.autograd.grad(alpha * clean + (1 - alpha) * perturbed, list(masks.values()))
+        return torch.cat([(1 - lr * g).clamp(0, 1).flatten() for g in grads])
+
+    actual = torch.cat([m.detach().flatten() for m in defense.neuron_masks])
+    with torch.no_grad():
+        own = masked_forward(fresh.net, fresh.perturb(z, defense.delta), fresh.masks()).argmax(1)
+    true_labels, own_labels = expected(y), expected(own)
+    step = (1 - true_labels).abs().max()
+    assert step > 1e-3  # the masks did move
+    assert (actual - true_labels).abs().max() < 1e-3 * step
+    assert (actual - own_labels).abs().max() > 0.1 * step

@@ -151,6 +151,32 @@ def test_bad_hyperparameters(backdoored_checkpoint) -> None:
             BNP(path, u=u)
     with pytest.raises(ValueError, match="log_term must be one of"):
         BNP(path, log_term="textbook")
+    with pytest.raises(ValueError, match="statistics must be"):
+        BNP(path, statistics="first_batch")
+
+
+def test_last_batch_statistics_as_the_fork(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+    """statistics: last_batch keeps only the last batch of a shuffled pass (100 images at batch 64: 36 of them),
+    as the fork; the statistics then equal those of that batch alone."""
+    import lightning_modules.defenses.bnp as bnp
+
+    seen = []
+    original = bnp.bn_input_statistics
+
+    def spy(net, batches, forward=None):
+        batches = list(batches)
+        seen.append([len(b) for b in batches])
+        return original(net, batches, forward)
+
+    monkeypatch.setattr(bnp, "bn_input_statistics", spy)
+    monkeypatch.setattr(Defense, "measure", lambda self: {"acc": 1.0, "asr": 1.0, "ra": 0.0})  # not under test
+    for statistics in ("all", "last_batch"):
+        defense = BNP(str(backdoored_checkpoint["path"]), statistics=statistics, save_defended=False,
+                      result_file=str(tmp_path / f"{statistics}.json"))
+        fit(defense, MitigationDataModule(spc=10, split_seed=0, batch_size=64), tmp_path / statistics)
+        assert defense.info()["statistics"] == statistics
+    assert seen == [[64, 36], [36]]
+    assert defense.info()["num_images"] == 36
 
 
 def test_tiny_imagenet_uses_u4() -> None:

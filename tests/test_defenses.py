@@ -36,7 +36,7 @@ FAST: dict[str, list[str]] = {
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 RESULT_KEYS = {"attack", "defense", "dataset", "backbone", "poison_ratio", "spc", "split_seed", "before",
-               "after", "arr", "rdr", "der", "rir", "seconds", "defense_info", "config"}
+               "after", "arr", "rdr", "der", "rir", "seconds", "defense_info", "config", "dm_source"}
 
 
 def defense_args(name: str, checkpoint) -> list[str]:
@@ -53,6 +53,8 @@ def test_defense_end_to_end(name: str, backdoored_checkpoint, tmp_path) -> None:
     assert RESULT_KEYS <= set(result), RESULT_KEYS - set(result)
     assert result["defense"] == DEFENSES[name].__name__ and result["attack"] == "BadNets"
     assert result["spc"] == 10 and result["split_seed"] == 1 and result["dataset"] == "digits"
+    assert result["dm_source"] == "unpoisoned images"
+    assert result["num_poisoned"] == len(backdoored_checkpoint["poison_indices"]) == 144
     for k in ("acc", "asr", "ra"):
         assert result["before"][k] == pytest.approx(backdoored_checkpoint["metrics"][f"test/{k}"], abs=1e-6)
         assert 0.0 <= result["after"][k] <= 1.0

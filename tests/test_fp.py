@@ -96,6 +96,20 @@ def test_choice_changes_with_dv(backdoored_checkpoint, tmp_path) -> None:
     assert len(chosen) > 1
 
 
+@pytest.mark.parametrize("symmetric, pruned", [(False, 3), (True, 1)])
+def test_symmetric_stop_as_the_fork(symmetric, pruned, backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+    """The fork also stops on an accuracy *rise* of 10% or more (|change| / acc0 >= 0.1); by default only a drop
+    stops FP. D_v accuracies (stand-ins): 0.8 unpruned, 0.8, 0.9 (+12.5%), 0.85, 0.6 (-25%) for 1, 2, 3, 4 features."""
+    curve = iter([0.8, 0.8, 0.9, 0.85, 0.6, 0.6])
+    monkeypatch.setattr(FP, "tail_evaluator", lambda self, *a: lambda keep: next(curve))
+    defense = FP(str(backdoored_checkpoint["path"]), LAYERS, symmetric_drop=symmetric, save_defended=False,
+                 result_file=str(tmp_path / "r.json"))
+    fit(defense, data(), tmp_path)
+    info = defense.info()
+    assert info["pruned"] == pruned and info["first_failing_step_pruned"] == pruned + 1
+    assert info["stop_rule"] == ("change either way" if symmetric else "drop")
+
+
 def test_mask_survives_finetuning_and_reload(backdoored_checkpoint, tmp_path) -> None:
     path = str(backdoored_checkpoint["path"])
     original = load_attacked(path).net.linear.weight
@@ -146,3 +160,16 @@ def test_every_backbone(name: str, backbone_checkpoint, tmp_path, monkeypatch) -
     info = defense.info()
     assert info["features"] == WIDTHS[name] and info["per_step"] == -(-WIDTHS[name] // 4) and info["tail_evaluation"]
     assert info["pruned_columns_zero"] and info["pruned"] == int(defense.pruned.sum())
+
+
+def test_pruning_lowers_asr_on_the_planted_backdoor(backdoored_checkpoint, tmp_path) -> None:
+    """The pruning family works on the fixture: FP's pruning alone (no fine-tuning) takes ASR from 0.97 to 0.14 at a
+    clean accuracy of 0.93. SPC 20 with a 20% D_v (4 images per class): with the 1-image-per-class D_v of SPC 10 one
+    flipped image already stops the pruning, and the result swings with the split (ASR 0.05..0.57 over split seeds
+    0..3; 0.14..0.33 here)."""
+    path = str(backdoored_checkpoint["path"])
+    defense = FP(path, LAYERS, result_file=str(tmp_path / "r.json"), save_defended=False)
+    fit(defense, MitigationDataModule(spc=20, val_fraction=0.2, split_seed=0), tmp_path)
+    result = defense.result
+    assert result["before"]["asr"] > 0.9 and defense.info()["pruned"] > 0
+    assert result["after"]["asr"] < 0.5 and result["after"]["acc"] > 0.85, result["after"]

@@ -90,7 +90,7 @@ def test_bounds_clamp_activations(backdoored_checkpoint) -> None:
 def test_initial_bounds_are_layer_maxima(backdoored_checkpoint) -> None:
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (40,))
-    defense = with_data(MMBD(str(backdoored_checkpoint["path"])), x, y)
+    defense = with_data(MMBD(str(backdoored_checkpoint["path"]), init_augment=False), x, y)
     with torch.no_grad(), capture(defense.net, defense.layer_names) as store:
         original = defense.eval()(x)
     maxima = {name: store[name].max() for name in defense.layer_names}
@@ -100,6 +100,57 @@ def test_initial_bounds_are_layer_maxima(backdoored_checkpoint) -> None:
     with torch.no_grad():
         assert torch.equal(defense(x), original)  # at its own maxima the model is unchanged on D_m
     assert defense.history["initial_accuracy"] == pytest.approx((original.argmax(1) == y).float().mean().item())
+
+
+class Roll(nn.Module):
+    """A fixed stand-in for the random crop: every image shifted by (3, -2) pixels."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.roll(images, shifts=(3, -2), dims=(2, 3))
+
+
+def test_initial_bounds_come_from_augmented_dm_by_default(backdoored_checkpoint) -> None:
+    """The fork takes the initial maxima on D_m fed with the training augmentation (zero-padded crops give larger
+    early activations at the borders, so looser bounds): a fixed stand-in augmentation must decide them."""
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (40,))
+    defense = with_data(MMBD(str(backdoored_checkpoint["path"])), x, y)
+    assert defense.hparams.init_augment
+    shift = Roll()
+    defense.augment = shift
+    with torch.no_grad(), capture(defense.net, defense.layer_names) as store:
+        defense.eval()(shift(x))
+    defense.prepare()
+    for name, bound in zip(defense.layer_names, defense.bounds):
+        assert torch.all(bound == store[name].max()), name
+    assert defense.history["init_augment"] is True
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step without a Trainer
+def test_running_train_accuracy_decides_lambda(backdoored_checkpoint, monkeypatch) -> None:
+    """lam_signal running_train_acc: the check reads the accuracy of the epoch's (bounded) training forwards."""
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (40,))
+    defense = with_data(MMBD(str(backdoored_checkpoint["path"]), lam_signal="running_train_acc", lam_every=1), x, y)
+    defense.augment = nn.Identity()
+    defense.prepare()
+    # the epoch's batches (stand-ins for augmented D_m) differ from D_m itself, which an eval pass would read
+    xt = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for b in defense.bounds:  # tighter bounds: the bounded model differs from the original
+            b.mul_(0.3)
+        yt = defense(xt).argmax(1)
+        yt[:13] = (yt[:13] + 1) % 10  # a running accuracy of 27/40, unlike the eval accuracy on (x, y)
+        expected = (defense(xt).argmax(1) == yt).float().mean().item()
+        assert expected == pytest.approx(27 / 40) and defense.accuracy(x, y) != pytest.approx(expected)
+    monkeypatch.setattr(MMBD, "current_epoch", property(lambda self: 1))
+    defense.on_train_epoch_start()
+    defense.training_step((xt[:25], yt[:25]), 0)
+    defense.training_step((xt[25:], yt[25:]), 1)
+    defense.on_train_epoch_end()
+    (check,) = defense.history["checks"]
+    assert check["accuracy"] == pytest.approx(expected)
+    assert check["lam"] == pytest.approx(next_lambda(0.5, expected, defense.history["initial_accuracy"], 1.2, 0.05))
 
 
 def test_lambda_schedule() -> None:
@@ -184,7 +235,44 @@ def test_bad_arguments(backdoored_checkpoint) -> None:
     for bad in ({"lr": -1e-3}, {"accuracy_drop": 2.0}, {"lam_every": 0}, {"lam": float("nan")}):
         with pytest.raises(ValueError, match="MMBD: invalid"):
             MMBD(path, **bad)
+    with pytest.raises(ValueError, match="lam_signal"):
+        MMBD(path, lam_signal="test_acc")
     with pytest.raises(ValueError, match="no MM-BD layer rule configured for backbone SmallCNN"):
         MMBD(path, layers={"VGG19BN": {"types": ["ReLU"], "exclude": []}})
     with pytest.raises(ValueError, match="no module of SmallCNN matches"):
         MMBD(path, layers={"SmallCNN": {"types": ["SiLU"], "exclude": []}})
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step without a Trainer
+def test_training_the_bounds_brings_the_logits_closer_to_the_original(backdoored_checkpoint) -> None:
+    """The MSE term is minimised: from bounds at a third of each layer's D_m maximum (far from the original's logits),
+    Adam steps on the MSE alone (lambda 0) must shrink MSE(f_B(x), f(x)) well below its start; with the sign flipped
+    they would grow it."""
+    from datamodules import MitigationDataModule
+
+    data = MitigationDataModule(spc=10, backdoored=str(backdoored_checkpoint["path"]))
+    data.setup("fit")
+    x, y = data.tensors("train")
+    defense = with_data(MMBD(str(backdoored_checkpoint["path"])), x, y)
+    defense.prepare()
+    defense.lam = 0.0
+    with torch.no_grad():
+        for bound in defense.bounds:
+            bound.mul_(1 / 3)
+    defense.augment = nn.Identity()  # the same images at every step
+    optimizer = torch.optim.Adam(defense.bounds.parameters(), lr=0.05)
+
+    def mse() -> float:
+        with torch.no_grad():
+            with defense.unbounded():
+                reference = defense(x)
+            return float(torch.nn.functional.mse_loss(defense(x), reference))
+
+    start = mse()
+    defense.train()
+    for _ in range(10):
+        optimizer.zero_grad()
+        defense.training_step((x, y), 0).backward()
+        optimizer.step()
+    after = mse()
+    assert start > 0.3 and after < 0.5 * start, (start, after)

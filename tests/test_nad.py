@@ -135,3 +135,21 @@ def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
     assert all(len(shape) == 3 for shape in info["feature_shapes"].values())
     assert len(info["student"]) == 1 and all(math.isfinite(v) for v in info["student"][0].values())
     assert 0 <= model.result["after"]["acc"] <= 1
+    # which attention terms can act at all: the survey's layers degenerate on all but PreAct-ResNet18
+    expected = {"preact_resnet18": {"layer3": True, "layer4": True, "avgpool": False},
+                "small_cnn": {"features.12": True, "features.16": True}}.get(name, {"avgpool": False})
+    assert info["attention_active"] == expected
+    if name == "preact_resnet18":  # and where they act, they are nonzero for a student that differs from its teacher
+        assert all(info["student"][0][f"at/{n}"] > 0 for n in ("layer3", "layer4"))
+
+
+def test_attention_term_reaches_the_student(backdoored_checkpoint, tmp_path) -> None:
+    """The same run with betas 0 (plain CE) must end with other student weights: the attention term's gradient
+    reaches the student (a silent no-op would leave them equal)."""
+    weights = []
+    for betas in (None, {"SmallCNN": {"features.12": 0.0, "features.16": 0.0}}):
+        kwargs = {} if betas is None else {"layers": betas}
+        model = run_nad(backdoored_checkpoint["path"], tmp_path / str(betas is None), **kwargs)
+        weights.append({k: v.clone() for k, v in model.net.state_dict().items()})
+        assert all(model.info()["attention_active"].values())
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if k.endswith("weight"))

@@ -178,3 +178,39 @@ def test_bad_settings_raise(backdoored_checkpoint, bad) -> None:
 def test_bad_prune_layer_raises(backdoored_checkpoint, layers, message) -> None:
     with pytest.raises(ValueError, match=message):
         NC(str(backdoored_checkpoint["path"]), mitigation="prune", prune_layers=layers)
+
+
+def test_trigger_search_makes_the_reversed_triggers_succeed(backdoored_checkpoint) -> None:
+    """The search descends CE(f(stamp(x)), t): from its start (mask and pattern at 0.88, which sends no D_m image to
+    these classes), 20 Adam steps make the reversed triggers of the planted target (0) and of another class (3)
+    send all of D_m to their class, with CE falling by more than 5 nats; an ascent would keep them away."""
+    import torch.nn.functional as F
+
+    from datamodules.transforms import to_unit
+    from lightning_modules.defenses._nc_reverse import stamp, unit_box
+
+    path = str(backdoored_checkpoint["path"])
+    data = MitigationDataModule(spc=10, backdoored=path)
+    data.setup("fit")
+    x = to_unit(data.tensors("train")[0])
+    defense = NC(path)
+    net = defense.frozen_copy()
+
+    def classify(z: torch.Tensor) -> torch.Tensor:
+        return defense.classify(z, net)
+
+    classes = [0, 3]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    triggers = reverse_engineer(classify, lambda: iter(x[order].split(10)), classes, (3, 32, 32),
+                                SearchSettings(epochs=2))
+    start_mask, start_pattern = unit_box(torch.ones(1, 32, 32)), unit_box(torch.ones(3, 32, 32))
+
+    @torch.no_grad()
+    def hit_and_ce(mask: torch.Tensor, pattern: torch.Tensor, t: int) -> tuple[float, float]:
+        logits = classify(stamp(x, mask, pattern))
+        return float((logits.argmax(1) == t).float().mean()), float(F.cross_entropy(logits, torch.full((len(x),), t)))
+
+    for i, t in enumerate(classes):
+        (start_hit, start_ce), (hit, ce) = (hit_and_ce(start_mask, start_pattern, t),
+                                            hit_and_ce(triggers.mask[i], triggers.pattern[i], t))
+        assert start_hit < 0.1 and hit > 0.95 and ce < start_ce - 5.0, (t, start_hit, hit, start_ce, ce)

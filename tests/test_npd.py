@@ -121,3 +121,67 @@ def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
     assert model.polarizer[0].in_channels == target.in_channels
     assert not any(p.requires_grad for p in model.net.parameters())
     assert 0 <= model.result["after"]["acc"] <= 1 and model.info()["epochs"][-1]["phase"] == "npd"
+
+
+def test_perturbation_moves_toward_the_target(backdoored_checkpoint) -> None:
+    """The targeted perturbation descends CE(x~, y~): on D_m it sends most images to y~ (their highest non-true class),
+    which neither the clean images nor a random perturbation of the same L2 norm do; a step away from y~ would not."""
+    import torch.nn.functional as F
+
+    from datamodules.transforms import to_unit
+    from lightning_modules.defenses.npd import top_other
+
+    path = str(backdoored_checkpoint["path"])
+    data = MitigationDataModule(spc=10, backdoored=path)
+    data.setup("fit")
+    x, y = data.tensors("train")
+    x = to_unit(x)
+    model = NPD(path).eval()
+    with torch.no_grad():
+        target = top_other(model(x), y)
+    x_adv = model.perturb(x, target)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    norms = (x_adv - x).flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
+    x_random = (x + noise * norms.view(-1, 1, 1, 1)).clamp(0, 1)
+    with torch.no_grad():
+        hits = {k: float((model(v).argmax(1) == target).float().mean()) for k, v in
+                (("clean", x), ("random", x_random), ("searched", x_adv))}
+        ce = {k: float(F.cross_entropy(model(v), target)) for k, v in (("clean", x), ("searched", x_adv))}
+    assert hits["searched"] > 0.5 and hits["searched"] > hits["random"] + 0.4 and hits["clean"] < 0.05, hits
+    assert ce["searched"] < ce["clean"] - 1.5, ce
+
+
+def test_loss_terms_labels_and_weights(backdoored_checkpoint) -> None:
+    """NPD's outer loss recomputed from its definition: CE(x, y), CE(x~, y_hat) with y_hat the prediction on x, and
+    -log(1 - s) of x~ at its top non-true class and at y~ (the top non-true class on x), weighted in that order.
+    Random images and labels, so that y_hat != y, and four different weights, so that a swap shows."""
+    weights = (0.3, 0.7, 1.1, 1.9)
+    model = NPD(str(backdoored_checkpoint["path"]), loss_weights=weights).eval()
+    x = images(16).float() / 255
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    loss, terms = model.npd_loss(x, y)
+    with torch.no_grad():
+        logits = model(x).double()
+        y_hat = logits.argmax(1)
+        assert (y_hat != y).float().mean() > 0.5
+        rows = torch.arange(len(y))
+
+        def top_non_true(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            z[rows, y] = -torch.inf
+            return z.argmax(1)
+
+        y_tilde = top_non_true(logits)
+        adv = model(model.perturb(x, y_tilde)).double()
+        p = adv.softmax(1)
+        expected = {
+            "ce_clean": torch.nn.functional.cross_entropy(logits, y),
+            "ce_adv": torch.nn.functional.cross_entropy(adv, y_hat),
+            "bce_top_other": -(1 - p[rows, top_non_true(adv)]).log().mean(),
+            "bce_target": -(1 - p[rows, y_tilde]).log().mean(),
+        }
+    for key, value in expected.items():
+        assert float(terms[key].detach()) == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
+    total = sum(w * float(v) for w, v in zip(weights, expected.values()))
+    assert float(loss.detach()) == pytest.approx(total, rel=1e-4)
+    assert float(terms["adv_hits_target"]) == pytest.approx(float((adv.argmax(1) == y_tilde).float().mean()))

@@ -77,12 +77,16 @@ def test_clamp_to_valid_pixels_and_the_forks_normalised_clamp(backdoored_checkpo
 
 
 class Spy(L.Callback):
-    """Per epoch: how many batches were perturbed, and the optimiser's state size at the first batch."""
+    """Per epoch: the optimiser's state size at the first batch, before each step, and at the end."""
 
     def __init__(self) -> None:
         self.perturbed: dict[int, int] = {}
         self.state_at_start: dict[int, int] = {}
         self.state_at_end: dict[int, int] = {}
+        self.state_before_step: dict[int, list[int]] = {}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.state_before_step.setdefault(trainer.current_epoch, []).append(len(optimizer.state))
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if batch_idx == 0:
@@ -109,7 +113,23 @@ def test_phases_alternate_with_a_fresh_optimiser(backdoored_checkpoint, tmp_path
     assert all("adv_top_class_share" in e for e in epochs[::2]) and not any("adv_top_class" in e for e in epochs[1::2])
     assert spy.state_at_start == {0: 0, 1: 0, 2: 0, 3: 0}  # momentum is not carried across phases
     assert all(n > 0 for n in spy.state_at_end.values())
+    # the fork's fresh optimiser per adversarial batch: no adversarial step carries momentum; a clean epoch's
+    # second step does
+    assert spy.state_before_step[0] == spy.state_before_step[2] == [0, 0]
+    assert spy.state_before_step[1][0] == 0 and spy.state_before_step[1][1] > 0
+    assert model.info()["adversarial_epochs"] == model.info()["clean_epochs"] == 2
     assert 0 <= model.info()["dm_acc_after"] <= 1
+
+
+def test_default_is_twenty_rounds() -> None:
+    """The survey's loop: 20 rounds of (adversarial epoch, clean epoch), i.e. 40 epochs of alternating phases."""
+    import yaml
+
+    from tests.conftest import CONFIGS
+
+    epochs = yaml.safe_load((CONFIGS / "defense" / "pbe.yaml").read_text())["trainer"]["max_epochs"]
+    phases = [PBE.phase(e) for e in range(epochs)]
+    assert phases.count("adversarial") == phases.count("clean") == 20
 
 
 def test_training_augmentation_is_used(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
@@ -133,3 +153,35 @@ def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
                     attack_steps=1)
     assert [e["phase"] for e in model.info()["epochs"]] == ["adversarial", "clean"]
     assert 0 <= model.result["after"]["acc"] <= 1
+
+
+def test_pgd_ascends_beyond_random_noise_of_the_same_budget(backdoored_checkpoint) -> None:
+    """The untargeted PGD examples of D_m (default budget, 0.0065 of a pixel on digits) raise CE(x~, y) well above
+    the clean images and a random sign perturbation at the same L_inf budget; descent steps would not."""
+    from datamodules.transforms import to_unit
+
+    path = str(backdoored_checkpoint["path"])
+    data = MitigationDataModule(spc=10, backdoored=path)
+    data.setup("fit")
+    x, y = data.tensors("train")
+    x = to_unit(x)
+    model = PBE(path).eval()
+    x_adv = model.perturb(x, y)
+    sign = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(1)).mul(2).sub(1)
+    x_random = (x + model.pixel_eps * sign).clamp(0, 1)
+    with torch.no_grad():
+        ce = {k: float(F.cross_entropy(model(v), y)) for k, v in (("clean", x), ("random", x_random), ("pgd", x_adv))}
+    assert ce["pgd"] > ce["clean"] + 0.15 and ce["pgd"] > 2 * ce["random"], ce
+
+
+def test_defended_weights_ignore_the_test_sets(backdoored_checkpoint, tmp_path) -> None:
+    from tests.helpers import assert_ignores_test_sets
+
+    path = backdoored_checkpoint["path"]
+
+    def make(root):
+        return PBE(str(path), result_file=str(root / "result.json"), save_defended=False)
+
+    plain, swapped = assert_ignores_test_sets(make, path, tmp_path, spc=3, batch_size=16, trainer={"max_epochs": 2})
+    assert plain.info()["epochs"] == swapped.info()["epochs"]
+    assert [e["phase"] for e in plain.info()["epochs"]] == ["adversarial", "clean"]

@@ -121,6 +121,80 @@ def test_masks_during_unlearning(backdoored_checkpoint, tmp_path, unlearn_masks)
     assert bool((masks == 1).all()) is not unlearn_masks
 
 
+def test_running_train_accuracy_stop(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+    """stop_signal running_train_acc (the fork's): the stop reads the accuracy of the epoch's own train-mode
+    forwards on augmented batches, not an eval pass after the epoch."""
+    seen: list[float] = []
+    unlearning = {"on": False}
+    classify, prepare = RNP.classify, RNP.prepare
+
+    def spy_classify(self, x, net=None):
+        logits = classify(self, x, net)
+        if unlearning["on"] and net is not None and net.training:
+            seen.append(logits)
+        return logits
+
+    def spy_prepare(self):
+        unlearning["on"] = True
+        try:
+            prepare(self)
+        finally:
+            unlearning["on"] = False
+
+    monkeypatch.setattr(RNP, "classify", spy_classify)
+    monkeypatch.setattr(RNP, "prepare", spy_prepare)
+    monkeypatch.setattr(RNP, "accuracy", lambda *a, **k: pytest.fail("no eval pass during unlearning") if
+                        unlearning["on"] else 0.5)
+    y_seen: list[torch.Tensor] = []
+    batches = RNP.batches
+
+    def spy_batches(self, x, y, *args, **kwargs):
+        for xb, yb in batches(self, x, y, *args, **kwargs):
+            if unlearning["on"]:
+                y_seen.append(yb)
+            yield xb, yb
+
+    monkeypatch.setattr(RNP, "batches", spy_batches)
+    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=0, unlearn_lr=0.1, unlearn_epochs=6,
+                    stop_signal="running_train_acc", selection="fixed", save_defended=False)
+    info = model.info()["unlearn"]
+    # spc 5 x 10 classes at batch 64: one batch per epoch, so each epoch's running accuracy is that batch's
+    expected = [float((logits.argmax(1) == yb).float().mean()) for logits, yb in zip(seen, y_seen)]
+    assert info["stop_signal"] == "running_train_acc" and info["dm_acc"] == pytest.approx(expected)
+    assert info["reached_stop_acc"] and info["dm_acc"][-1] <= 0.2 < min(info["dm_acc"][:-1], default=1.0)
+
+
+def test_recovery_descends_the_masked_loss(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+    """Recovery minimises CE(D_m) of the unlearned network over the masks: the recovered masks must give a lower
+    D_m loss than masks of 1 (an ascent would raise it)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from lightning_modules.defenses.rnp import MaskedNet
+
+    captured = {}
+    finish = RNP.finish
+
+    def spy_finish(self):
+        captured["net"] = copy.deepcopy(self._work["recovery"].net)
+        captured["masks"] = {k: v.detach().clone() for k, v in self.masks.items()}
+        captured["data"] = self.mitigation_data("train")
+        finish(self)
+
+    monkeypatch.setattr(RNP, "finish", spy_finish)
+    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=5, unlearn_lr=0.1, unlearn_epochs=5,
+                    selection="fixed", save_defended=False)
+    x, y = captured["data"]
+    ones = {k: torch.ones_like(v) for k, v in captured["masks"].items()}
+    losses = {}
+    with torch.no_grad():
+        for name, masks in (("recovered", captured["masks"]), ("ones", ones)):
+            net = MaskedNet(captured["net"], masks).train()  # recovery runs in train mode (batch statistics)
+            losses[name] = float(F.cross_entropy(model.classify(x, net), y))
+    assert losses["recovered"] < 0.8 * losses["ones"], losses
+
+
 def test_fixed_threshold(backdoored_checkpoint, tmp_path) -> None:
     model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=1, selection="fixed", fixed_threshold=0.9)
     flat = torch.cat([m.detach() for m in model.masks.values()])
@@ -130,7 +204,7 @@ def test_fixed_threshold(backdoored_checkpoint, tmp_path) -> None:
 
 @pytest.mark.parametrize("bad", [{"unlearn_lr": -1e-3}, {"recover_lr": 0.0}, {"max_acc_drop": 1.5},
                                  {"fixed_threshold": -0.1}, {"threshold_step": 0.0}, {"unlearn_stop_acc": 2.0},
-                                 {"unlearn_momentum": 1.0}, {"selection": "best"}])
+                                 {"unlearn_momentum": 1.0}, {"selection": "best"}, {"stop_signal": "test_acc"}])
 def test_bad_settings(backdoored_checkpoint, bad) -> None:
     with pytest.raises(ValueError, match="RNP"):
         RNP(str(backdoored_checkpoint["path"]), **bad)

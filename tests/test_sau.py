@@ -152,3 +152,72 @@ def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
     model = run_sau(backbone_checkpoint(name), tmp_path, epochs=1, spc=1, n_test=8, save_defended=False,
                     attack_steps=1)
     assert len(model.info()["epochs"]) == 1 and 0 <= model.result["after"]["acc"] <= 1
+
+
+def dm_pixels(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """D_m at SPC 10 (100 images) as 0..1 pixels, and its labels."""
+    from datamodules import MitigationDataModule
+    from datamodules.transforms import to_unit
+
+    data = MitigationDataModule(spc=10, backdoored=path)
+    data.setup("fit")
+    x, y = data.tensors("train")
+    return to_unit(x), y
+
+
+def test_shared_search_flips_both_models_together(backdoored_checkpoint) -> None:
+    """At the first step theta = theta_bar, so the search's objective is -CE (JS = 0): its signed descent steps must
+    flip the models (together: shared) on nearly all of D_m, where its starting point (+bound everywhere) and a random
+    sign perturbation of the same L_inf size flip few. Bound 0.05: the default 0.2 flips digits with any noise."""
+    path = str(backdoored_checkpoint["path"])
+    x, y = dm_pixels(path)
+    bound = 0.05
+    model = SAU(path, bound=bound, attack_step_size=bound / 2).eval()
+    model.prepare()
+    x_adv, _ = model.shared_adversarial(x, y)
+    noise = bound * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(1)).mul(2).sub(1)
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+
+        def shared(images: torch.Tensor) -> float:
+            pred, pred_ref = model(images).argmax(1), model.classify(images, model.original).argmax(1)
+            return float(shared_indicators(pred, pred_ref, clean, clean)[2].float().mean())
+
+        rates = {"start": shared(x + bound), "random": shared(x + noise), "searched": shared(x_adv)}
+    assert rates["searched"] > 0.9 and rates["searched"] > max(rates["start"], rates["random"]) + 0.5, rates
+
+
+def test_shared_search_descends_the_divergence(backdoored_checkpoint) -> None:
+    """With theta != theta_bar and only the JS term (beta1 = 0), the search must bring the two models' outputs on x~
+    closer: the mean JS divergence falls well below its value at the start and at a random sign perturbation."""
+    from lightning_modules.defenses.sau import js_divergence
+
+    path = str(backdoored_checkpoint["path"])
+    x, y = dm_pixels(path)
+    bound = 0.05
+    model = SAU(path, bound=bound, attack_step_size=bound / 2, beta1=0.0).eval()
+    model.prepare()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # theta moves away from theta_bar, as after some unlearning steps
+        for p in model.net.parameters():
+            p.add_(0.05 * p.abs() * torch.randn(p.shape, generator=gen))
+    x_adv, _ = model.shared_adversarial(x, y)
+    noise = bound * torch.randint(0, 2, x.shape, generator=gen).mul(2).sub(1)
+    with torch.no_grad():
+        js = {k: float(js_divergence(model(v), model.classify(v, model.original)).mean())
+              for k, v in (("start", x + bound), ("random", x + noise), ("searched", x_adv))}
+    assert js["searched"] < 0.3 * min(js["start"], js["random"]), js
+
+
+def test_defended_weights_ignore_the_test_sets(backdoored_checkpoint, tmp_path) -> None:
+    from tests.helpers import assert_ignores_test_sets
+
+    path = backdoored_checkpoint["path"]
+
+    def make(root):
+        return SAU(str(path), result_file=str(root / "result.json"), save_defended=False, attack_steps=2)
+
+    plain, swapped = assert_ignores_test_sets(make, path, tmp_path, spc=3, batch_size=16, trainer={"max_epochs": 2})
+    assert plain.info()["epochs"] == swapped.info()["epochs"]
+    original = load_attacked(str(path)).net.state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in plain.net.state_dict().items())  # it did train

@@ -21,6 +21,8 @@ Differences from the reference, and why:
   the unpruned model too). BackdoorBench picks by test ASR (an oracle); the fork compares D_v accuracy with the
   unpruned model's *test* accuracy (a bug). The original fixes t = 0.2: `threshold: 0.2` reproduces that.
 - D_v accuracy is measured without augmentation (the fork augments D_v, which makes the choice random).
+- The fork's rule is symmetric: |acc - acc0| / acc0 < 10%, so a threshold whose D_v accuracy *rises* by 10% or
+  more is refused too; we refuse drops only (the spec's rule); `symmetric_drop: true` reproduces the fork.
 - Mask lr 0.01 (BackdoorBench and the fork); the original ANP uses 0.2 (and batch 128).
 Defaults: eps 0.4, 1 noise step, a 0.2, mask SGD lr 0.01 momentum 0.9, 2,000 iterations of batch 256 drawn with
 replacement from D_m minus D_v (val_fraction 0.1), thresholds 0..0.9 step 0.05, D_v drop < 10%.
@@ -50,6 +52,7 @@ class ANP(Defense):
         threshold: prune neurons with mask <= threshold; None chooses it on D_v (needs data.val_fraction > 0).
         threshold_max, threshold_step: the thresholds tried, 0, step, ..., max.
         max_acc_drop: the largest relative D_v accuracy drop (vs the unpruned model) a chosen threshold may cost.
+        symmetric_drop: refuse a relative change of max_acc_drop either way, a rise included (the survey's fork).
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
@@ -65,6 +68,7 @@ class ANP(Defense):
         threshold_max: float = 0.9,
         threshold_step: float = 0.05,
         max_acc_drop: float = 0.1,
+        symmetric_drop: bool = False,
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
@@ -176,13 +180,16 @@ class ANP(Defense):
                     modules[n].weight.copy_(original[n] * (m > t))
                 pruned = sum(int((m <= t).sum()) for m in masks.values())
                 curve.append({"threshold": t, "pruned": pruned, "val_acc": self.accuracy(x_val, y_val, net=probe)})
-        chosen = h.threshold if h.threshold is not None else choose_threshold(base, curve, h.max_acc_drop)
+        chosen = h.threshold if h.threshold is not None else choose_threshold(base, curve, h.max_acc_drop,
+                                                                              h.symmetric_drop)
         pruned = {n: torch.nonzero(m <= chosen).flatten() for n, m in masks.items()} if chosen is not None else {}
         prune_bn_channels(self.net, pruned, zero_bias=False)
         self._facts = {
             "threshold": chosen,
             "threshold_rule": "fixed" if h.threshold is not None else
-            f"largest t whose D_v accuracy drops < {h.max_acc_drop:g} (relative) from the unpruned one, else none",
+            f"largest t whose D_v accuracy {'changes' if h.symmetric_drop else 'drops'} < {h.max_acc_drop:g} "
+            f"(relative) from the unpruned one, else none",
+            "val_augmented": False,
             "val_size": len(y_val), "val_acc_unpruned": base, "val_acc_curve": curve,
             "pruned": sum(len(i) for i in pruned.values()),
             "pruned_per_layer": {n: len(i) for n, i in pruned.items() if len(i)},
@@ -193,10 +200,16 @@ class ANP(Defense):
         return self._facts
 
 
-def choose_threshold(base: float | None, curve: list[dict[str, Any]], max_acc_drop: float) -> float | None:
+def choose_threshold(
+    base: float | None, curve: list[dict[str, Any]], max_acc_drop: float, symmetric: bool = False
+) -> float | None:
     """The largest threshold whose D_v accuracy is at least the unpruned one or drops by less than max_acc_drop
-    of it (relative); None when no threshold qualifies (then nothing is pruned)."""
+    of it (relative); with `symmetric`, whose accuracy changes by less than that either way (the fork's rule).
+    None when no threshold qualifies (then nothing is pruned)."""
     if base is None:
         return None
-    ok = [p["threshold"] for p in curve if p["val_acc"] >= base or base - p["val_acc"] < max_acc_drop * base]
+    if symmetric:
+        ok = [p["threshold"] for p in curve if abs(base - p["val_acc"]) < max_acc_drop * base]
+    else:
+        ok = [p["threshold"] for p in curve if p["val_acc"] >= base or base - p["val_acc"] < max_acc_drop * base]
     return max(ok) if ok else None

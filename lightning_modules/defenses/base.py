@@ -112,6 +112,13 @@ class Defense(ImageClassifier):
             p.requires_grad_(False)
         return copy_
 
+    def refuse_float16(self, what: str) -> None:
+        """Hand-written loops have no loss scaler: refuse float16 precisions (bf16 needs none)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if precision.startswith("16"):
+            raise ValueError(f"{type(self).__name__}: {what} runs without a loss scaler, so float16 gradients could "
+                             f"underflow; use trainer.precision bf16-mixed or 32 (got {precision})")
+
     def autocast(self) -> Any:
         """The Trainer's precision context (bf16 autocast under bf16-mixed) for hand-written loops."""
         return self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
@@ -215,8 +222,10 @@ class Defense(ImageClassifier):
             "dataset": self.spec.name,
             "backbone": record["backbone"]["class_path"].rpartition(".")[2],
             "poison_ratio": attack.get("poison_ratio"),
+            # how many training images the ratio poisoned (GTSRB / Tiny-ImageNet SIG read it over the target class)
+            "num_poisoned": len(attack["poison_indices"]) if attack.get("poison_indices") is not None else None,
             "target": attack.get("target"),
-            **{k: data.record()[k] for k in ("spc", "ratio", "split_seed", "val_convention")},
+            **{k: data.record()[k] for k in ("spc", "ratio", "split_seed", "val_convention", "dm_source")},
             "before": before,
             "after": after,
             "arr": arr(before["acc"], after["acc"]),

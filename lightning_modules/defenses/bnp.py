@@ -12,12 +12,13 @@ Defaults (configs/defense/bnp.yaml): u = 3 on CIFAR-10 and GTSRB, u = 4 on Tiny-
 (configs/defense/tiny_imagenet/bnp.yaml).
 
 Choices and differences from the reference (BackdoorBench's bnp.py, which the survey's fork runs):
-- Which statistics. We accumulate mu_c, var_c exactly over *all* of D_m (fed with the training
-  augmentation, as the fork does; network in eval mode, so each BN sees what it sees at inference), merged
-  batch by batch in float64. The fork keeps the statistics of the *last* batch of its D_m loader only
-  (all of D_m when SPC * K <= 256, e.g. CIFAR-10 at SPC <= 25, else an arbitrary remainder such as 232 of
-  the 1,000 images at SPC 100); the original uses one clean batch of 500. All of D_m is the most precise
-  estimate the defender has, and equals the fork wherever D_m fits one batch. BackdoorBench's use of a
+- Which statistics (`statistics`). "all" (default): mu_c, var_c accumulated exactly over *all* of D_m (fed
+  with the training augmentation, as the fork does; network in eval mode, so each BN sees what it sees at
+  inference), merged batch by batch in float64. The fork keeps the statistics of the *last* batch of its
+  shuffled D_m loader only (all of D_m when SPC * K <= 256, e.g. CIFAR-10 at SPC <= 25, else a remainder
+  such as 232 of the 1,000 images at SPC 100): "last_batch" reproduces that. The original uses one clean
+  batch of 500. All of D_m is the most precise estimate the defender has, and equals the fork wherever D_m
+  fits one batch. BackdoorBench's use of a
   batch of poisoned training data (a protocol breach) is not reproduced: only D_m is read.
 - Which log term. `log_term: kl` (default) is the textbook Gaussian KL,
   0.5 * log(var_r / var_c) + (var_c + (mu_c - mu_r)^2) / (2 var_r) - 0.5, which is what the paper defines
@@ -126,6 +127,7 @@ class BNP(Defense):
         log_term: "kl" (the exact Gaussian KL, as the paper and the original code) or "backdoorbench"
             (log of the variance ratio, twice the exact term, as BackdoorBench and the survey's fork).
         augment: feed D_m with the training augmentation when collecting the clean statistics (the fork does).
+        statistics: "all" (all of D_m) or "last_batch" (the last batch of a shuffled pass, as the fork).
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
@@ -135,6 +137,7 @@ class BNP(Defense):
         u: float = 3.0,
         log_term: LogTerm = "kl",
         augment: bool = True,
+        statistics: Literal["all", "last_batch"] = "all",
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
@@ -143,6 +146,8 @@ class BNP(Defense):
             raise ValueError(f"u must be a finite number >= 0 (3 on CIFAR-10/GTSRB, 4 on Tiny-ImageNet), got {u}")
         if log_term not in LOG_FACTOR:
             raise ValueError(f"log_term must be one of {sorted(LOG_FACTOR)}, got {log_term!r}")
+        if statistics not in ("all", "last_batch"):
+            raise ValueError(f"statistics must be 'all' or 'last_batch', got {statistics!r}")
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         if not bn_layers(self.net):
@@ -158,11 +163,14 @@ class BNP(Defense):
             raise ValueError("BNP needs clean images: D_m is empty (check data.spc / data.ratio)")
         was_training = self.net.training
         self.net.eval()
+        batches = self.batches(x, y, self.mitigation.batch_size, shuffle=h.statistics == "last_batch", augment=h.augment)
+        images = [xb for xb, _ in batches]
+        if h.statistics == "last_batch":
+            images = images[-1:]
         with self.autocast():
-            images = (xb for xb, _ in self.batches(x, y, self.mitigation.batch_size, augment=h.augment))
             stats = bn_input_statistics(self.net, images, forward=lambda xb: self.classify(xb, self.net))
         self.net.train(was_training)
-        self.num_images = len(x)
+        self.num_images = sum(len(xb) for xb in images)
         pruned, thresholds = {}, {}
         for name, kl in bn_divergences(self.net, stats, h.log_term).items():
             idx, thresholds[name] = outlier_channels(kl, h.u)
@@ -176,6 +184,7 @@ class BNP(Defense):
         return {
             "u": self.hparams.u,
             "log_term": self.hparams.log_term,
+            "statistics": self.hparams.statistics,
             "num_images": self.num_images,
             "pruned_total": total,
             "neurons_total": neuron_count(self.net),

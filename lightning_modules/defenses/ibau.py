@@ -29,10 +29,13 @@ hypergradient computation (it would add exactly 0). This is the survey's setting
 CIFAR-10 and GTSRB) and for a last partial batch under 100; SPC 10 on CIFAR-10 (one batch of 100) patches one
 image per step; `info()["rounds"]` records the patched images and the steps with an active hypergradient.
 
+Where delta lives (`delta_space`): "normalized" (default) adds it to the network's normalised input, as the
+survey's fork does (BackdoorBench normalises before the defense sees an image); "pixel" adds it to 0..1 pixels,
+as the authors' code (which feeds unnormalised images). With the same lr 10 and 0.001 weight, the fork's pixel
+step is std^2 (~1/16 on CIFAR-10 and Tiny-ImageNet) of the pixel-space one; identical on GTSRB (no normalisation).
+No bound and no clamp in either space, as the reference.
+
 Differences from the reference, and why:
-- delta lives in 0..1 pixel space (the network normalises inside `self(x)`), as in the authors' code, which
-  feeds unnormalised 0..1 images; the fork adds it to normalised images (CIFAR-10, Tiny-ImageNet), where the
-  same lr 10 and 0.001 weight mean a step 1/std^2 (~16x) smaller in pixels. Identical on GTSRB (no normalisation).
 - The fork collects the augmented batches once and reuses them in every round (and for the inner map's first
   batch); here each round draws fresh augmented batches from the datamodule and the inner map uses that round's
   first batch (its true labels, as the reference), so with a single batch per round the inner and outer batch
@@ -42,6 +45,8 @@ Differences from the reference, and why:
 - Original i-BAU: Adam lr 1e-3 (no amsgrad), batch 100, no augmentation.
 - MobileNetV3's Hardsigmoid has no double backward in torch: while the hypergradient graph is built it is
   swapped for the same function with a differentiable backward (`twice_differentiable`; forward identical).
+- The hypergradient (Hessian-vector products) is computed in float32 even under bf16-mixed, where the rest of
+  the step runs in the Trainer's precision; 16-mixed is refused (these hand-written gradients have no loss scaler).
 Defaults: 5 rounds, K 5, inner map step 0.1, delta lr 10, delta weight 0.001, poisoned fraction 0.01, Adam lr
 1e-4 amsgrad, batch 256.
 Cost: an outer step with the hypergradient is about 2 (outer forward/backward) + 2 (inner gradient, graph kept)
@@ -58,7 +63,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +153,8 @@ class IBAU(Defense):
         delta_lr: SGD step on the universal perturbation, one per batch of D_m per round.
         delta_reg: weight of ||delta||^2 in the inner objective (and in the inner map).
         poison_fraction: int(poison_fraction * B) random images of each outer batch of B get delta.
+        delta_space: "normalized" (delta is added to the network's normalised input, the fork) or "pixel" (to
+            0..1 pixels, the authors' code).
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     Rounds are epochs: trainer.max_epochs (5 in configs/defense/ibau.yaml).
     """
@@ -163,6 +170,7 @@ class IBAU(Defense):
         delta_lr: float = 10.0,
         delta_reg: float = 0.001,
         poison_fraction: float = 0.01,
+        delta_space: Literal["normalized", "pixel"] = "normalized",
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
@@ -176,10 +184,12 @@ class IBAU(Defense):
         ):
             if not ok or not math.isfinite(value):
                 raise ValueError(f"IBAU: {name}={value!r}, expected {rule}; fix model.init_args.{name}")
+        if delta_space not in ("normalized", "pixel"):
+            raise ValueError(f"IBAU: delta_space={delta_space!r}, expected 'normalized' or 'pixel'")
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.delta: Tensor | None = None  # this round's universal perturbation (pixels)
+        self.delta: Tensor | None = None  # this round's universal perturbation (in delta_space)
         self._inner: tuple[Tensor, Tensor] | None = None  # this round's first batch: the inner map's data
         self._sums: dict[str, Tensor] = {}
         self._round: dict[str, Any] = {}
@@ -193,6 +203,21 @@ class IBAU(Defense):
             self.net.eval()
         return self
 
+    def to_space(self, x: Tensor) -> Tensor:
+        """Images (uint8, or 0..1 floats) in the space delta is added in: the network's input, or 0..1 pixels."""
+        if self.hparams.delta_space == "pixel":
+            return to_unit(x)
+        x = self.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def model(self, z: Tensor) -> Tensor:
+        """Logits of images already in delta's space (`to_space`)."""
+        return self(z) if self.hparams.delta_space == "pixel" else self.net(z)
+
+    def on_fit_start(self) -> None:
+        self.refuse_float16("the hypergradient")
+        super().on_fit_start()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         h = self.hparams
         return torch.optim.Adam(self.net.parameters(), lr=h.lr, amsgrad=h.amsgrad, weight_decay=h.weight_decay)
@@ -204,10 +229,10 @@ class IBAU(Defense):
         delta = torch.zeros(1, *x.shape[1:], device=x.device, requires_grad=True)
         with torch.enable_grad(), self.autocast():
             for xb, _ in self.batches(x, y, batch_size, shuffle=True, augment=True):
-                xb = to_unit(xb)
+                zb = self.to_space(xb)
                 with torch.no_grad():
-                    own = self(xb).argmax(1)
-                loss = -F.cross_entropy(wide(self(xb + delta)), own) + h.delta_reg * delta.pow(2).sum()
+                    own = self.model(zb).argmax(1)
+                loss = -F.cross_entropy(wide(self.model(zb + delta)), own) + h.delta_reg * delta.pow(2).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     delta.sub_(grad, alpha=h.delta_lr)
@@ -219,8 +244,8 @@ class IBAU(Defense):
         delta = self.fit_delta(x, y, self.mitigation.batch_size)
         self.delta = self.trainer.strategy.broadcast(delta, src=0)  # one delta for all processes
         with torch.no_grad(), self.autocast():  # how much delta changes the predictions on D_m (no augmentation)
-            flips = sum((self(to_unit(xb)).argmax(1) != self(to_unit(xb) + self.delta).argmax(1)).sum()
-                        for xb, _ in self.batches(x, y, 512))
+            flips = sum((self.model(z).argmax(1) != self.model(z + self.delta).argmax(1)).sum()
+                        for z in (self.to_space(xb) for xb, _ in self.batches(x, y, 512)))
         self._round = {"round": self.current_epoch, "delta_l2": float(self.delta.norm()),
                        "delta_linf": float(self.delta.abs().max()),
                        "dm_prediction_flips": float(flips) / max(1, len(y)),
@@ -231,21 +256,22 @@ class IBAU(Defense):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         h = self.hparams
         x, y = batch
-        x = to_unit(self.augment(x))
+        x = self.to_space(self.augment(x))
         if batch_idx == 0 or self._inner is None:
             self._inner = (x, y)
         n = poisoned_count(len(x), h.poison_fraction)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         if n == 0:  # grad_delta L = 0, so v = 0 and the hypergradient term is exactly zero: plain CE
-            loss = objective = F.cross_entropy(wide(self(x)), y)
+            loss = objective = F.cross_entropy(wide(self.model(x)), y)
             v_norm = torch.zeros((), device=x.device)
         else:
             patch = torch.zeros(len(x), *(1,) * (x.dim() - 1), device=x.device)
             patch[torch.randperm(len(x), device=x.device)[:n]] = 1.0
-            with twice_differentiable(self.net):
-                objective, loss, v = hypergradient_surrogate(self, self.delta, self._inner, x, y, patch, h.inner_lr,
-                                                             h.delta_reg, h.fixed_point_steps)
+            # float32 whatever the Trainer's precision: bf16 would round the Hessian-vector products
+            with twice_differentiable(self.net), torch.autocast(x.device.type, enabled=False):
+                objective, loss, v = hypergradient_surrogate(self.model, self.delta, self._inner, x, y, patch,
+                                                             h.inner_lr, h.delta_reg, h.fixed_point_steps)
             v_norm = v.norm()
             self._round["hypergradient_steps"] += 1
         self.manual_backward(objective)
@@ -266,5 +292,6 @@ class IBAU(Defense):
         self._dm_acc = self.accuracy(*self.mitigation_data("train"))
 
     def info(self) -> dict[str, Any]:
-        return {"delta_space": "pixels 0..1, no bound, no clamp", "dm_acc_after": self._dm_acc,
+        space = "0..1 pixels" if self.hparams.delta_space == "pixel" else "the network's normalised input"
+        return {"delta_space": f"{space}, no bound, no clamp", "dm_acc_after": self._dm_acc,
                 "rounds": self._history}

@@ -2,12 +2,15 @@
 
 Backdoors ride on abnormally large activations; MM-BD caps them. Every bounded layer l gets per-channel
 upper bounds B_l, applied as min(activation, B_l) by a forward hook. The bounds start at the layer's single
-largest activation on D_m (copied to every channel: the model is unchanged on D_m), then only B is trained,
+largest activation on D_m fed with the training augmentation (copied to every channel), then only B is trained,
 on augmented D_m batches, by
     min_B  mean((f_B(x) - f(x))^2)  +  lambda * sum_l ||B_l||_2
 (logit MSE against the unbounded, frozen original, averaged over batch and classes), lambda = 0.5. After the
 0-indexed epochs 10, 20, 30, 40, lambda is multiplied by 1.2 if the bounded model's D_m accuracy stayed above
-the initial one minus 0.05 (absolute), else divided by 1.2. Adam lr 1e-3, 50 epochs, batch 256.
+the initial one minus 0.05 (absolute), else divided by 1.2. Adam lr 1e-3, 50 epochs, batch 256. Which accuracy
+(`lam_signal`): "eval_acc" (default) the end-of-epoch eval-mode accuracy on D_m without augmentation, compared with
+the unbounded model's; "running_train_acc" the fork's, the running accuracy of the epoch's augmented batches
+(B changing within the epoch), compared with the same running accuracy of the unbounded model at initialisation.
 
 Bounded layers (`layers[<backbone>]`: module types, minus modules under the excluded prefixes), as in the
 survey's fork: PreActResNet18 every BN output (the ReLU after each BN is functional there, so the BN output
@@ -27,10 +30,11 @@ off (`unbounded()`), so no second copy of the weights is kept; the backbone stay
 statistics, no dropout, as in the fork) and its weights are frozen.
 
 Differences from the survey's fork: the fork removes its hooks right after initialising them, so its bounds
-never act and it returns the unchanged model (our hooks stay); the initial maxima are taken on D_m without
-augmentation, in one pass for all layers (the fork: augmented, one pass per layer); the lambda decision uses
-the end-of-epoch D_m accuracy without augmentation (the fork: the running training accuracy over the epoch's
-augmented batches, with B changing); MobileNetV3 ReLUs are bounded (above). The original MM-BD bounds only
+never act and it returns the unchanged model (our hooks stay); the initial maxima come from one augmented pass
+over D_m for all layers (the fork: one augmented pass per layer, i.e. another augmentation draw per layer;
+`init_augment: false` takes them on un-augmented D_m, which caps tighter: on the review's toy model ASR 0.54
+vs 0.91-0.94 with augmented maxima); the lambda signal (above); MobileNetV3 ReLUs are bounded (above; the
+fork's set is `layers: {MobileNetV3Large: {types: [Hardswish], exclude: [classifier]}}`). The original MM-BD bounds only
 the outputs of the stem, layer1 and layer2, from 8, with Adam lr 0.1, batch 200, 50 correctly classified
 images per class and lambda adapted at epochs 20/30/40 on accuracy >= 95%. At these defaults a D_m of at
 most 256 images (CIFAR-10 at SPC <= 25, GTSRB at SPC <= 5) gets one Adam step per epoch, so a bound moves by at most about
@@ -49,7 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +117,9 @@ class MMBD(Defense):
         lam_factor: lambda is multiplied (accuracy kept) or divided (accuracy lost) by this at each check.
         lam_every: check every this many epochs (0-indexed epochs lam_every, 2 * lam_every, ...; never epoch 0).
         accuracy_drop: accuracy is kept while the D_m accuracy stays above the initial one minus this.
+        lam_signal: which D_m accuracy decides lambda: "eval_acc" (eval mode, no augmentation, after the epoch) or
+            "running_train_acc" (the running accuracy of the epoch's augmented batches, the fork's).
+        init_augment: take the initial bounds on D_m with the training augmentation (the fork) or without.
         layers: per backbone class name, {"types": [module class names], "exclude": [name prefixes]} of the
             activations to bound; None: `BOUNDED_LAYERS`.
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
@@ -128,6 +135,8 @@ class MMBD(Defense):
         lam_factor: float = 1.2,
         lam_every: int = 10,
         accuracy_drop: float = 0.05,
+        lam_signal: Literal["eval_acc", "running_train_acc"] = "eval_acc",
+        init_augment: bool = True,
         layers: dict[str, dict[str, list[str]]] | None = None,
         result_file: str | None = None,
         save_defended: bool = True,
@@ -141,6 +150,8 @@ class MMBD(Defense):
         if bad:
             raise ValueError(f"MMBD: invalid {', '.join(f'{k}={self.hparams[k]}' for k in bad)}; expected lr > 0, "
                              f"lam >= 0, lam_factor > 0, lam_every >= 1, 0 <= accuracy_drop <= 1")
+        if lam_signal not in ("eval_acc", "running_train_acc"):
+            raise ValueError(f"MMBD: lam_signal={lam_signal!r}, expected 'eval_acc' or 'running_train_acc'")
         rule = for_backbone(BOUNDED_LAYERS if layers is None else layers, self.backdoor_record,
                             "MM-BD layer rule", "configs/defense/mmbd.yaml")
         unknown = set(rule) - {"types", "exclude"}
@@ -160,6 +171,8 @@ class MMBD(Defense):
             modules[name].register_forward_hook(_bounding_hook(self.bounds, i, self._bound_state))
         self.lam = lam
         self.history: dict[str, Any] = {}
+        self._correct: Tensor | int = 0  # this epoch's correct predictions (device) and images (lam_signal
+        self._seen = 0                   # running_train_acc)
 
     # the backbone is frozen, BN statistics included: it stays in eval mode whatever Lightning asks
     def train(self, mode: bool = True) -> MMBD:
@@ -178,37 +191,52 @@ class MMBD(Defense):
 
     @torch.no_grad()
     def prepare(self) -> None:
+        h = self.hparams
         x, y = self.mitigation_data("train")
         self._bound_state.maxima = [torch.tensor(-math.inf, device=self.device) for _ in self.bounds]
+        correct = torch.zeros((), device=self.device)
         try:
             with self.unbounded(), self.autocast():
-                for xb, _ in self.batches(x, y, 512):
-                    self(xb)
+                for xb, yb in self.batches(x, y, 512, augment=h.init_augment):
+                    correct += (self(xb).argmax(1) == yb).sum()
         finally:
             maxima, self._bound_state.maxima = self._bound_state.maxima, None
         for bound, top in zip(self.bounds, maxima):
             bound.fill_(top)
-        self.lam = self.hparams.lam
-        with self.unbounded():
-            initial = self.accuracy(x, y)
-        self.history = {"initial_bounds": [float(m) for m in maxima], "initial_accuracy": initial, "checks": []}
+        self.lam = h.lam
+        if h.lam_signal == "eval_acc":
+            with self.unbounded():
+                initial = self.accuracy(x, y)
+        else:  # the fork's reference: the unbounded model's accuracy on (augmented) D_m
+            initial = float(correct) / max(1, len(y))
+        self.history = {"initial_bounds": [float(m) for m in maxima], "initial_accuracy": initial,
+                        "init_augment": h.init_augment, "lam_signal": h.lam_signal, "checks": []}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = self.augment(batch[0])
         with torch.no_grad(), self.unbounded():
             reference = self(x)
-        mse = F.mse_loss(self(x).float(), reference.float())
+        logits = self(x)
+        mse = F.mse_loss(logits.float(), reference.float())
+        self._correct = self._correct + (logits.detach().argmax(1) == batch[1]).sum()  # on the device: no sync
+        self._seen += len(x)
         norms = torch.stack([b.norm(2) for b in self.bounds]).sum()
         loss = mse + self.lam * norms
         self.log_dict({"train/loss": loss, "train/mse": mse, "train/bound_norm": norms},
                       on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._correct, self._seen = 0, 0
+
     def on_train_epoch_end(self) -> None:
         h = self.hparams
         if not is_check_epoch(self.current_epoch, h.lam_every):
             return
-        accuracy = self.accuracy(*self.mitigation_data("train"))
+        if h.lam_signal == "eval_acc":
+            accuracy = self.accuracy(*self.mitigation_data("train"))
+        else:
+            accuracy = float(self._correct) / max(1, self._seen)
         self.lam = next_lambda(self.lam, accuracy, self.history["initial_accuracy"], h.lam_factor, h.accuracy_drop)
         self.history["checks"].append({"epoch": self.current_epoch, "accuracy": accuracy, "lam": self.lam})
 

@@ -25,7 +25,10 @@ Differences from the fork (BackdoorBench's NAD), and why:
 - The fork gets each layer's activation by re-running truncated copies of the student (nn.Sequential of its
   first children) in train mode, so the BN running statistics move up to four times per step; hooks read all
   layers from the single forward pass whose logits give the CE.
-- Under 16-bit mixed precision the teacher loop has no gradient scaler (bf16 needs none).
+- The teacher loop has no loss scaler, so float16 precisions are refused (bf16 needs none). Under DDP every
+  process distils from rank 0's teacher (broadcast), not from one fine-tuned on its own shuffle.
+- `info()["attention_active"]` says per layer whether its attention map varies over space on D_m: where none
+  does (VGG, EfficientNet, MobileNet above), the run was plain CE fine-tuning, and the record says so.
 The original NAD: WRN-16-1 group outputs 1-3 with betas 500/1000/1000, 20 epochs, lr 0.1 with steps.
 
 Cost (2 CPU cores shared with other jobs, load ~10; SmallCNN width 32 of configs/quickstart.yaml on digits,
@@ -148,6 +151,7 @@ class NAD(Defense):
     # -- 1. the teacher --------------------------------------------------------------------------------------
     def prepare(self) -> None:
         h = self.hparams
+        self.refuse_float16("the teacher's fine-tuning")
         teacher = copy.deepcopy(self.net).train().requires_grad_(True)
         optimizer = torch.optim.SGD(teacher.parameters(), lr=h.teacher_lr, momentum=h.teacher_momentum,
                                     weight_decay=h.teacher_weight_decay)
@@ -167,12 +171,29 @@ class NAD(Defense):
                     total += loss.detach() * len(yb)
                 scheduler.step()
                 losses.append(total)
+        teacher.load_state_dict(self.trainer.strategy.broadcast(teacher.state_dict(), src=0))  # one for all ranks
         self._work["teacher"] = self.frozen_copy(teacher)
         self.history["teacher"] = {
             "epochs": h.teacher_epochs, "loss": [float(v) / max(1, len(y)) for v in losses],
             "lr_last": optimizer.param_groups[0]["lr"],
             "dm_acc_before": self.accuracy(x, y), "dm_acc": self.accuracy(x, y, net=self._work["teacher"]),
         }
+        self.history["attention_active"] = self.attention_active(x[: self.mitigation.batch_size])
+
+    @torch.no_grad()
+    def attention_active(self, x: Tensor) -> dict[str, bool]:
+        """Per layer: does its attention map take more than one value over space on these images? A 1x1 or
+        replicated map normalises to a constant, so its MSE term is always 0 (NAD is then CE fine-tuning)."""
+        was_training = self.net.training
+        self.net.eval()
+        with self.autocast(), capture(self.net, list(self.betas)) as features:
+            self.classify(x, self.net)
+        self.net.train(was_training)
+        active = {}
+        for name, f in features.items():
+            a = attention_map(f.float(), self.hparams.p)
+            active[name] = bool((a.amax(1) - a.amin(1) > 1e-6 * a.abs().amax(1).clamp(min=1e-12)).any())
+        return active
 
     # -- 2. the student ----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

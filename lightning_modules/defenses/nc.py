@@ -176,6 +176,7 @@ class NC(Defense):
 
     # -- detection ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
+        self.refuse_float16("the trigger search")
         h = self.hparams
         x, y = self.mitigation_data("train")
         start = time.perf_counter()

@@ -4,14 +4,17 @@ Untargeted adversarial examples of a backdoored model tend to land in the backdo
 surrogate poisoned images. Fine-tuning on them with their true labels, alternated with clean fine-tuning,
 erases the backdoor without knowing the trigger or the target.
 
-Training (Lightning's loop, manual optimisation; `trainer.max_epochs` = 20 counts both kinds of epoch):
+Training (Lightning's loop, manual optimisation): the survey's 20 rounds of (one adversarial epoch, one clean
+epoch), i.e. `trainer.max_epochs` = 40, which counts both kinds of epoch (configs/defense/pbe.yaml):
 - even epochs (0, 2, ...) are adversarial: each augmented D_m batch is replaced by its untargeted L_inf PGD
   examples (uniform random start in the ball, 7 signed ascent steps of eps/5 on CE(x + delta, y), projection
   onto the ball and x + delta clamped to the valid range after each), crafted with the model in eval mode,
   then one SGD step on CE(x~, y) with the model in train mode;
 - odd epochs are clean: one SGD step on CE(x, y) per augmented D_m batch.
-SGD lr 0.01 constant, momentum 0.9, weight decay 5e-4, batch 256; every epoch starts with an empty optimiser
-state (the reference builds a fresh optimiser per phase; with a constant lr that is the same thing).
+SGD lr 0.01 constant, momentum 0.9, weight decay 5e-4, batch 256. The fork builds a fresh optimiser for every
+batch of an adversarial epoch and one per clean epoch; with a constant lr that is an empty optimiser state
+before every adversarial step and at the start of every clean epoch, which is what we do (adversarial steps
+never carry momentum; clean steps carry it within their epoch). `info()` counts the epochs of each kind.
 
 The budget. The reference states eps = 0.02 in normalised space; we perturb 0..1 pixels, so with
 `eps_space: normalized` (the default) the pixel budget of channel c is eps * std_c, and the step eps * std_c / 5:
@@ -23,15 +26,13 @@ Differences from the fork:
 - x + delta is clamped to [0, 1] in pixel space (valid images). The fork clamps it to [0, 1] in *normalised*
   space, i.e. pixels to [mean_c, mean_c + std_c], which clips every pixel darker than the mean on CIFAR-10;
   `clamp: normalized` reproduces that for comparison.
-- the attack runs in eval mode (BN running statistics are not fed the 7 attack passes); which mode the fork
-  attacks in is not recorded in our spec.
+- the attack runs in eval mode (BN running statistics are not fed the 7 attack passes); the fork attacks in
+  whatever mode the model is in, mostly train mode (its BN statistics then absorb the attack passes too).
 - no test-set evaluation between epochs. The authors' code runs adversarial epochs 1-3 then clean epochs,
   eps 6/255, lr 1e-3 (not reproduced here; the survey's alternation is).
 
-Cost (2 CPU cores shared with other jobs, load ~10; SmallCNN width 32 of configs/quickstart.yaml, BadNets on
-digits, SPC 10 = 100 images, one batch per epoch, full defaults, 20 epochs): 54 s wall for the defense, 21 s CPU
-time for the whole process; ACC 0.986 -> 0.975, ASR 0.960 -> 0.811, RA 0.040 -> 0.189. An adversarial epoch costs
-8 forward and 8 backward passes per batch (7 attack steps + the update), a clean one 1 + 1.
+Cost: an adversarial epoch costs 8 forward and 8 backward passes per batch (7 attack steps + the update), a
+clean one 1 + 1, so a run is about 9 x 20 = 180 passes over D_m (measured: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class PBE(Defense):
         return torch.optim.SGD(self.net.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
 
     def on_train_epoch_start(self) -> None:
-        # a fresh optimiser per phase: no momentum carried over (constant lr, so nothing else to reset)
+        # a fresh optimiser per clean epoch (and per adversarial step, training_step): no momentum carried over
+        # (constant lr, so nothing else to reset)
         self.optimizers().optimizer.state.clear()
         self._sums, self._count = {}, 0
 
@@ -140,6 +142,8 @@ class PBE(Defense):
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer = self.optimizers()
+        if adversarial:  # the fork's fresh optimiser per adversarial batch
+            optimizer.optimizer.state.clear()
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -171,7 +175,9 @@ class PBE(Defense):
         self._dm_acc = self.accuracy(*self.mitigation_data("train"))
 
     def info(self) -> dict[str, Any]:
-        return {"pixel_eps": self.pixel_eps.flatten().tolist(),
+        phases = [entry["phase"] for entry in self.history]
+        return {"adversarial_epochs": phases.count("adversarial"), "clean_epochs": phases.count("clean"),
+                "pixel_eps": self.pixel_eps.flatten().tolist(),
                 "pixel_step": (self.pixel_eps / self.hparams.step_divisor).flatten().tolist(),
                 "valid_range": [self.low.flatten().tolist(), self.high.flatten().tolist()],
                 "dm_acc_after": self._dm_acc, "epochs": self.history}

@@ -6,7 +6,12 @@ singles out the backdoor ones. Three phases, each mapped onto the `Defense` hook
 
 1. Unlearn (`prepare`, a hand-written loop on a copy: it has a data-dependent stop): gradient *ascent* on
    CE(D_m) over all weights, SGD lr 1e-3, momentum 0.9, weight decay 5e-2, cosine over 20 epochs (the
-   survey's fork), train mode, augmented D_m; stop after the first epoch whose D_m accuracy is <= 0.20.
+   survey's fork), train mode, augmented D_m; stop after the first epoch whose D_m accuracy is <= 0.20, read
+   (`stop_signal`) in eval mode on un-augmented D_m after the epoch ("eval_acc", default: deterministic, and
+   the network the next phase starts from) or as the running train-mode accuracy of the epoch's augmented
+   batches, weights changing within the epoch ("running_train_acc", the fork's and the original's; in train
+   mode the unlearned weights meet fresh batch statistics, so it falls later: on the review's toy model the
+   eval-mode rule stopped at epoch 3, the running one at epoch 5).
 2. Recover (Lightning's training loop, `trainer.max_epochs` = 20 epochs): learn one mask m in [0, 1] per BN
    neuron scaling its BN weight, min_m CE(D_m; m * theta_unlearned), unlearned weights frozen, model in
    train mode (batch statistics), SGD lr 0.2, momentum 0.9, masks clipped to [0, 1] after every step.
@@ -24,9 +29,9 @@ the ascent and its weight decay, then recovery starts from them); the original s
 ascent on a masked replica); `unlearn_masks: true` reproduces the fork.
 
 Differences from the fork, and why:
-- The unlearning stop and the threshold scan read D_m accuracy in eval mode without augmentation, after the
-  epoch (deterministic, the project's rule); the fork uses the running accuracy of the epoch's augmented
-  train-mode batches (unlearning) and accuracy on augmented D_m (scan).
+- The unlearning stop by default (above), and the threshold scan, read D_m accuracy in eval mode without
+  augmentation (deterministic, the project's rule); the fork's scan reads accuracy on augmented D_m.
+- The masks are clamped to [0, 1] right after unlearning (the fork clamps them only during recovery).
 - No gradient-norm clipping: the fork calls clip_grad_norm_(20) before backward, on empty gradients (a no-op),
   and retries unlearning at lr / 10 on an exception; we do neither.
 - Every BN architecture works by module name (the fork rebuilt four architectures with mask-BN classes).
@@ -96,6 +101,8 @@ class RNP(Defense):
             unlearn_epochs, stepped per epoch).
         unlearn_epochs: at most this many unlearning epochs.
         unlearn_stop_acc: stop unlearning after the first epoch whose D_m accuracy is <= this.
+        stop_signal: which D_m accuracy: "eval_acc" (eval mode, no augmentation, after the epoch) or
+            "running_train_acc" (the running accuracy of the epoch's augmented train-mode batches, the fork's).
         unlearn_masks: the masks already scale the BN weights during unlearning and are trained by the ascent
             (the survey's fork); False: recovery starts from masks of 1 (the original).
         recover_lr, recover_momentum: SGD of the masks (constant); the recovery epochs are trainer.max_epochs.
@@ -117,6 +124,7 @@ class RNP(Defense):
         unlearn_epochs: int = 20,
         unlearn_stop_acc: float = 0.2,
         unlearn_masks: bool = False,
+        stop_signal: Literal["eval_acc", "running_train_acc"] = "eval_acc",
         recover_lr: float = 0.2,
         recover_momentum: float = 0.9,
         recover_loss_weight: float = 1.0,
@@ -145,6 +153,8 @@ class RNP(Defense):
                 f"RNP: invalid {', '.join(f'{k}={self.hparams[k]}' for k in bad)}; expected learning rates and "
                 f"recover_loss_weight > 0, momenta in [0, 1), weight decay and unlearn_epochs >= 0, "
                 f"unlearn_stop_acc / max_acc_drop / fixed_threshold in [0, 1], threshold_step in (0, 1]")
+        if stop_signal not in ("eval_acc", "running_train_acc"):
+            raise ValueError(f"RNP: stop_signal must be 'eval_acc' or 'running_train_acc', got {stop_signal!r}")
         if selection not in ("accuracy_drop", "fixed"):
             raise ValueError(f"RNP: selection must be 'accuracy_drop' or 'fixed', got {selection!r}")
         if not bn_layers(self.net):
@@ -178,20 +188,26 @@ class RNP(Defense):
         with torch.enable_grad():
             for _ in range(h.unlearn_epochs):
                 model.train()
+                correct = torch.zeros((), device=x.device)  # the epoch's running accuracy, summed on the device
                 for xb, yb in self.batches(x, y, self.mitigation.batch_size, shuffle=True, augment=True):
                     with self.autocast():
-                        loss = -F.cross_entropy(self.classify(xb, model).float(), yb)
+                        logits = self.classify(xb, model).float()
+                        loss = -F.cross_entropy(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    correct += (logits.detach().argmax(1) == yb).sum()
                 scheduler.step()
-                accuracies.append(self.accuracy(x, y, net=model))
+                if h.stop_signal == "eval_acc":
+                    accuracies.append(self.accuracy(x, y, net=model))
+                else:
+                    accuracies.append(float(correct) / max(1, len(y)))
                 if accuracies[-1] <= h.unlearn_stop_acc:
                     break
         self._clip_masks()
         net.requires_grad_(False)
         self._work["recovery"] = MaskedNet(net, self.masks).train()
-        self.history = {"unlearn": {"epochs": len(accuracies), "dm_acc": accuracies,
+        self.history = {"unlearn": {"epochs": len(accuracies), "stop_signal": h.stop_signal, "dm_acc": accuracies,
                                     "reached_stop_acc": bool(accuracies) and accuracies[-1] <= h.unlearn_stop_acc}}
 
     # -- 2. recover ----------------------------------------------------------------------------------------
