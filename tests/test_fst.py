@@ -9,33 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
 from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import FST
 from lightning_modules.defenses.fst import CLASSIFIER_LAYERS, norm64
-
-
-class SmallTests(MitigationDataModule):
-    """D_m as configured; the test sets cut to their first `n_test` images, or replaced by noise (`noise`)."""
-
-    def __init__(self, *args, n_test: int = 32, noise: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.n_test, self.noise = n_test, noise
-
-    def setup(self, stage: str | None = None) -> None:
-        fresh = not self._sets
-        super().setup(stage)
-        if not fresh:
-            return
-        gen = torch.Generator().manual_seed(1)
-        for name in ("clean", "backdoor"):
-            x, *labels = (t[: self.n_test] for t in self._sets[name].tensors)
-            if self.noise:
-                x = torch.randint(0, 256, x.shape, generator=gen, dtype=torch.uint8)
-                labels = [torch.randint(0, 10, (len(x),), generator=gen) for _ in labels]
-            self._sets[name] = TensorImages(x, *labels)
+from tests.helpers import SmallTestSets as SmallTests
 
 
 class StepNorms(L.Callback):
