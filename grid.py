@@ -29,7 +29,8 @@ def load(path: str) -> Grid:
     try:
         return Grid.load(path)
     except (OSError, ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as err:
-        raise SystemExit(f"{path}: {' '.join(str(err).split())}") from None
+        message = " ".join(str(err).split())
+        raise SystemExit(message if message.startswith(f"{Path(path)}:") else f"{path}: {message}") from None
 
 
 def checked(grid: Grid, command: str) -> None:
@@ -77,6 +78,10 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"{len(failures)} failed; results under {grid.runs_dir}")
     for f in failures:
         print(f"  FAILED {f['kind']} {f['key']}: {f['error']} (see {f['log']})")
+    if summary["busy"]:
+        print(f"  {len(summary['busy'])} runs were being run by another runner or agent and were left to it "
+              f"(with an attacked model, its defense runs): {', '.join(summary['busy'])}; run this command again "
+              f"once it has finished to pick up anything it did not")
     if failures:
         sys.exit(1)
 
@@ -107,6 +112,9 @@ def cmd_one(args: argparse.Namespace) -> None:
     with locked(grid.runs_dir / "locks" / f"{attack_key}.lock"):  # agents share one training of each model
         if read_marker(grid.attack_dir(attack), "attack") is None:
             outcome = execute(attack_job(grid, attack, project if not defense_key else None))
+            if outcome["status"] == "busy":
+                raise SystemExit(f"attacked model {attack_key} is being trained by another runner; run this again "
+                                 f"once it has finished")
             if outcome["status"] != "done":
                 raise SystemExit(f"attack {attack_key} failed: {outcome['error']}")
     if defense_key:
@@ -114,6 +122,9 @@ def cmd_one(args: argparse.Namespace) -> None:
         if defense_key not in runs:
             raise SystemExit(f"no defense run {defense_key!r} for {attack_key} in {args.grid}")
         outcome = execute(defense_job(grid, runs[defense_key], project))
+        if outcome["status"] == "busy":  # e.g. two agents handed the same key: the other one runs it
+            print(f"{args.run}: being run by another runner or agent; left to it")
+            return
         if outcome["status"] != "done":
             raise SystemExit(f"{args.run} failed: {outcome['error']}")
     print(f"{args.run}: done")

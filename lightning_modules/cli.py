@@ -3,10 +3,12 @@
 `python train.py fit --config configs/quickstart.yaml`. Runs log to runs/<name>/version_<n>/ (CSV by
 default; add --config configs/logger/wandb.yaml for W&B) with config.yaml and checkpoints/last.ckpt.
 Without an explicit logger name, the name is derived from the config: <dataset>-<attack>-<backbone>.
+`test` with a fitted run's config.yaml logs to <run>/test/version_<n>/, leaving the run's files alone.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,8 +48,28 @@ class BackdoorCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.get("trainer.logger")
-        if hasattr(logger, "init_args") and "name" in logger.init_args and logger.init_args.name is None:
-            logger.init_args.name = run_name(config)
+        loggers = [lg for lg in (logger if isinstance(logger, list) else [logger]) if hasattr(lg, "init_args")]
+        for lg in loggers:
+            if "name" in lg.init_args and lg.init_args.name is None:
+                lg.init_args.name = run_name(config)
+        if self.subcommand in ("test", "validate", "predict"):
+            for lg in loggers:
+                keep_fitted_run(lg)
+
+
+def keep_fitted_run(logger: Any) -> None:
+    """`test` (or validate, predict) with a fitted run's own config.yaml would log into that run's folder and
+    overwrite its metrics.csv and config.yaml: point a file logger whose folder holds a run at
+    `<run folder>/test/version_<n>/` instead (W&B keeps its own run; its files follow the first logger's folder)."""
+    if not logger.class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+        return
+    args = logger.init_args
+    folder = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    version = args.get("version")
+    if version is not None:
+        folder = folder / (version if isinstance(version, str) else f"version_{version}")
+    if (folder / "config.yaml").exists() or (folder / "metrics.csv").exists():
+        args.save_dir, args.name, args.version = str(folder / "test"), "", None
 
 
 def run_name(config: Any) -> str:

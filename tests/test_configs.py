@@ -82,10 +82,17 @@ def test_config_runs(rel: Path, tmp_path: Path, request) -> None:
         pytest.skip("needs a CUDA device")
     if rel == Path("trainer/cpu_ddp.yaml"):
         pytest.skip("DDP relaunches the script: covered by test_ddp_two_cpu_processes")
-    args = ["fit", *composition(rel), *TINY, *OVERRIDES.get(str(rel), []), *data_dir_for(rel, tmp_path, request)]
+    tiny = TINY if rel.parts[0] != "logger" else [  # fast_dev_run would replace the loggers by a dummy
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1", *TINY[2:]]
+    args = ["fit", *composition(rel), *tiny, *OVERRIDES.get(str(rel), []), *data_dir_for(rel, tmp_path, request)]
     cli = run_cli(*args, cwd=tmp_path)
     assert cli.trainer.state.finished
     assert "test/acc" in cli.trainer.callback_metrics
+    if rel.parts[0] == "logger":  # the run's files in its own folder, never in runs/ itself (where runs collide)
+        log_dir = tmp_path / cli.trainer.log_dir
+        assert log_dir.parent.parent == tmp_path / "runs" and (log_dir / "config.yaml").is_file()
+        assert not any((tmp_path / "runs" / name).exists() for name in ("config.yaml", "gallery.png"))
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
