@@ -8,6 +8,8 @@ Without an explicit logger name, the name is derived from the config: <dataset>-
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import EpochSummary, Gallery
+from lightning_modules import attacks, defenses  # noqa: F401 - every method known by its short name (--model.help FT)
+
+
+# Quiet runs: Lightning's advertising tip and a deprecation inside Lightning itself (torch >= 2.10) say nothing
+# about the run.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip"))
 
 
 class BackdoorCLI(LightningCLI):
@@ -34,6 +44,7 @@ class BackdoorCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            seed_everything_default=kwargs.pop("seed_everything_default", 0),  # Lightning's own None means 0 too
             trainer_defaults=trainer_defaults,
             args=args,
             run=run,
@@ -55,6 +66,8 @@ class BackdoorCLI(LightningCLI):
         if self.subcommand in ("test", "validate", "predict"):
             for lg in loggers:
                 keep_fitted_run(lg)
+            if config.get("weights_only") is None:  # --ckpt_path: never unpickle code, whatever the torch default
+                config.weights_only = True
 
 
 def keep_fitted_run(logger: Any) -> None:
