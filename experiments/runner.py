@@ -3,9 +3,10 @@
 Idempotent and resumable: a run is finished when its marker exists (attack.json for an attacked model,
 result.json for a defense run; both written atomically, last). Anything else in a run folder is a run that was
 interrupted: the folder is cleared and the run redone, unless another runner or sweep agent is running it (a flock
-on `.<run>.lock` beside the folder, held for the whole run): then it is left to that process. Workers are spawned processes that each import torch
-once and run many LightningCLI invocations, one device each (`--devices 0,1` for GPUs, `cpu` by default);
-they die with the runner (PR_SET_PDEATHSIG), so a killed runner leaves no orphan writing into the tree.
+on `.<run>.lock` beside the folder, held for the whole run): then it is left to that process. Workers are
+spawned processes that each import torch once and run many LightningCLI invocations, one device each
+(`--devices 0,1` for GPUs, `cpu` by default); they die with the runner (PR_SET_PDEATHSIG), so a killed runner
+leaves no orphan writing into the tree.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from callbacks import EpochSummary, Gallery
 from lightning_modules import attacks, defenses  # noqa: F401 - every method known by its short name (--model.help FT)
 
 
-# Quiet runs: Lightning's advertising tip and a deprecation inside Lightning itself (torch >= 2.10) say nothing
-# about the run.
+# Quiet runs: Lightning's advertising tip and a deprecation raised inside Lightning itself (its pytree helper on
+# this torch) say nothing about the run.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip"))
