@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from datamodules.datasets.download import DataUnavailable
 
 KNOWN = (ValueError, FileNotFoundError, DataUnavailable)
-UNION = re.compile(r"Does not validate against any of the Union subtypes.*?Errors: - (.*?) - Expected a <class 'NoneType'>")
+UNION = re.compile(r"Does not validate against any of the Union subtypes.*?Errors: - (.*?)"
+                   r" - Expected a <class 'NoneType'>")
 
 
 @contextmanager
