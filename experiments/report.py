@@ -193,7 +193,8 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, attacks: pd.DataFrame
             body.append("<h2>Per attack (medians)</h2>")
             for attack, rows in per_attack(table).items():
                 md += [f"### {attack}", "", rows.to_markdown(index=False, floatfmt=".3f"), ""]
-                body += [f"<h3>{html.escape(attack)}</h3>", rows.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
+                body += [f"<h3>{html.escape(attack)}</h3>",
+                         rows.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
         for caption, path in drawn:
             md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
             body.append(f"<h2>{html.escape(caption)}</h2><img src='{path.name}' style='max-width:100%'>")
