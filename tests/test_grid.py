@@ -554,3 +554,36 @@ def test_wandb_rows_and_local_rows_win(tmp_path, monkeypatch) -> None:
     assert len(table) == 3 and table.index.is_unique
     assert table.loc["digits-badnets-m1/ft-spc10-seed0-h1", "asr_after"] == 0.1, "the local record, not W&B's"
     assert table.loc["digits-badnets-m1/ft-spc10-seed4-h4", "source"] == "wandb:me/bench/id0.4"
+
+
+def test_report_per_attack_tables_and_ranking(tmp_path) -> None:
+    """Pooled medians hide per-attack behaviour: the report has one table per attack with each defense's medians,
+    the summary ranks defenses by median DER."""
+    from experiments.report import per_attack, summary, write_report
+    from experiments.results import collect
+
+    runs = tmp_path / "runs"
+    # FT removes BadNets (ASR 0.1) and not Blended (0.9); FP the reverse at a larger accuracy cost
+    for attack, scores in {"badnets": {"ft": 0.1, "fp": 0.8}, "blended": {"ft": 0.9, "fp": 0.2}}.items():
+        key = f"digits-{attack}-m"
+        fake_attack(runs, key, 0.97, attack=attack)
+        for defense, asr in scores.items():
+            for seed in range(3):
+                run = runs / "defenses" / key / f"{defense}-spc10-seed{seed}-h"
+                run.mkdir(parents=True)
+                fields = {**FIELDS, "attack": attack, "defense": defense, "spc": 10, "split_seed": seed}
+                (run / "run.json").write_text(json.dumps({"kind": "defense", "key": f"{key}/{run.name}",
+                                                          "fields": fields}))
+                record = {**fake_result(asr + 0.01 * seed), "defense": defense.upper()}
+                record["der"] = 0.9 if defense == "ft" else 0.7
+                (run / "result.json").write_text(json.dumps(record))
+    table = collect(runs)
+    tables = per_attack(table)
+    assert list(tables) == ["badnets", "blended"]
+    for attack, expected in {"badnets": {"FT": 0.11, "FP": 0.81}, "blended": {"FT": 0.91, "FP": 0.21}}.items():
+        rows = tables[attack].set_index("defense")
+        assert rows["ASR"].to_dict() == pytest.approx(expected) and (rows["runs"] == 3).all()
+    ranks = summary(table).set_index("defense")["rank (DER)"].to_dict()
+    assert ranks == {"FT": 1, "FP": 2}
+    report = Path(write_report(table, tmp_path / "report")).read_text()
+    assert "## Per attack (medians)" in report and "### badnets" in report and "### blended" in report
