@@ -439,12 +439,12 @@ def test_notebook_runs_on_grid_outputs(finished_grid) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(REPO / "notebooks" / "explore_checkpoint.ipynb", as_version=4)
-    os.environ["GRID_RUNS"] = str(finished_grid["runs"])
-    try:
-        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(REPO)}}).execute()
-    finally:
-        del os.environ["GRID_RUNS"]
+    # what `papermill -p GRID_RUNS <runs>` does: a cell after the one tagged `parameters` overrides its values
+    tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "one parameters cell (papermill)"
+    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(f"GRID_RUNS = {str(finished_grid['runs'])!r}"))
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
     text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "ACC:" in text and "ASR:" in text and "parameter tensors changed" in text
     assert "(from result.json)" in text and "CLP zeroed" in text, "the first run is the CLP one (sorted)"
