@@ -22,6 +22,7 @@ import experiments.grid
 from experiments.grid import Grid, identity
 from experiments.sweeps import sweep_configs, write_sweeps
 from tests.conftest import CONFIGS, REPO
+from tests.helpers import wandb_records
 
 SURVEY_DEFENSES = ["fp", "bnp", "clp", "anp", "awm", "rnp", "mmbd", "npd",
                    "ft", "fst", "ftsam", "nad", "nc", "pbe", "ibau", "sau"]
@@ -433,6 +434,12 @@ def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     assert (run_dir / "result.json").exists()
     wandb_runs = list(run_dir.glob("wandb/offline-run-*"))
     assert wandb_runs, "an offline W&B run was written"
+    records = wandb_records(wandb_runs[0])
+    assert (records["run"][0].run.run_group, records["run"][0].run.job_type) == (run.attack.key, "defense")
+    updates = {u.key: json.loads(u.value_json) for r in records["config"] for u in r.config.update}
+    assert updates["result"]["defense"] == "FT" and updates["result"]["spc"] == run.spc
+    artifact = records["artifact"][0].artifact
+    assert sorted(e.path for e in artifact.manifest.contents) == ["last.ckpt", "result.json"]
 
 
 def test_notebook_runs_on_grid_outputs(finished_grid) -> None:
