@@ -9,6 +9,7 @@ Without an explicit logger name, the name is derived from the config: <dataset>-
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,17 @@ def run_name(config: Any) -> str:
         leaf("model.init_args.backbone"),
     ]
     return "-".join(p for p in parts if p) or "run"
+
+
+def main(args: list[str] | None = None) -> None:
+    """`python train.py <fit|test|validate|predict> ...` (and `backdoor-bench fit ...`): known errors in one line."""
+    from datamodules.errors import short_errors
+
+    argv = sys.argv
+    if args is not None:  # LightningCLI warns when argv and args both hold arguments
+        sys.argv = sys.argv[:1]
+    try:
+        with short_errors("train.py"):
+            BackdoorCLI(args=args)
+    finally:
+        sys.argv = argv
