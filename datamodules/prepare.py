@@ -14,6 +14,7 @@ import sys
 
 from datamodules import resources
 from datamodules.datasets import DATASETS, get_dataset
+from datamodules.errors import short_errors
 
 TRIGGERS = "triggers"
 
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="read the original files already under <data_dir>/<name>/raw "
                              "(triggers: only check the files already there)")
     args = parser.parse_args(argv)
+    with short_errors("datamodules.prepare"):
+        prepare(args)
+
+
+def prepare(args: argparse.Namespace) -> None:
     if args.dataset == TRIGGERS:
         prepare_triggers(args.data_dir, download=args.download)
         return

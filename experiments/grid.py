@@ -36,6 +36,7 @@ checkouts in different places (the machines of a W&B sweep) agree on every key.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -49,6 +50,84 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 MATCH_KEYS = {"dataset", "attack", "backbone", "poison_ratio", "seed", "defense", "spc", "split_seed"}
+TOP_KEYS = {"name", "runs_dir", "data_dir", "profile", "attacks", "defenses", "exclude"}
+ATTACK_KEYS = {"datasets", "attacks", "backbones", "poison_ratios", "seeds", "args", "per_attack_args"}
+DEFENSE_KEYS = {"defenses", "spc", "split_seeds", "once_per_model", "args", "per_defense_args"}
+
+
+def check_schema(raw: Any, path: Path) -> None:
+    """Every key at every level of a grid file known, every value of the right type and range; raises a
+    ValueError naming the first problem (with the closest known key for a misspelling)."""
+
+    def fail(where: str, message: str) -> None:
+        raise ValueError(f"{path}: {where}: {message}")
+
+    def keys(where: str, section: Any, known: set[str]) -> None:
+        if not isinstance(section, dict):
+            fail(where or "the file", f"must be a map of keys, got {type(section).__name__}")
+        for key in section:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+                fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def values(where: str, value: Any, ok: Any, what: str, empty: bool = False) -> None:
+        if not isinstance(value, list) or (not value and not empty):
+            fail(where, f"must be a {'' if empty else 'non-empty '}list, got {value!r}")
+        for v in value:
+            if not ok(v):
+                fail(where, f"{v!r} is not {what}")
+
+    def arguments(where: str, value: Any) -> None:
+        values(where, value, lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+               "a command-line word (quote it: \"true\", \"0.1\")", empty=True)
+
+    def per_method(where: str, value: Any, folder: str) -> None:
+        if not isinstance(value, dict):
+            fail(where, f"must map a method name to a list of arguments, got {value!r}")
+        for name, args in value.items():
+            if not (CONFIGS / folder / f"{name}.yaml").exists():
+                fail(f"{where}.{name}", f"no configs/{folder}/{name}.yaml")
+            arguments(f"{where}.{name}", args)
+
+    keys("", raw, TOP_KEYS)
+    for key in ("name", "runs_dir", "data_dir", "profile"):
+        if key in raw and not isinstance(raw[key], str) and not (key == "profile" and raw[key] is None):
+            fail(key, f"must be a string, got {raw[key]!r}")
+    names = lambda v: isinstance(v, str)  # noqa: E731
+    attacks = raw.get("attacks") or {}
+    keys("attacks", attacks, ATTACK_KEYS)
+    for key in ("datasets", "attacks", "backbones"):
+        values(f"attacks.{key}", attacks.get(key), names, "a name")
+    values("attacks.poison_ratios", attacks.get("poison_ratios"), lambda v: number(v) and 0 <= v <= 1,
+           "a poison ratio in [0, 1]")
+    if "seeds" in attacks:
+        values("attacks.seeds", attacks["seeds"], lambda v: type(v) is int and v >= 0, "a seed (an integer >= 0)")
+    if "args" in attacks:
+        arguments("attacks.args", attacks["args"])
+    if "per_attack_args" in attacks:
+        per_method("attacks.per_attack_args", attacks["per_attack_args"], "attack")
+    defenses = raw.get("defenses") or {}
+    keys("defenses", defenses, DEFENSE_KEYS)
+    for key in ("defenses", "once_per_model"):
+        if key in defenses:
+            values(f"defenses.{key}", defenses[key], names, "a name", empty=True)
+    if "spc" in defenses:
+        values("defenses.spc", defenses["spc"], lambda v: type(v) is int and v >= 1,
+               "a number of clean samples per class (an integer >= 1)")
+    if "split_seeds" in defenses:
+        values("defenses.split_seeds", defenses["split_seeds"], lambda v: type(v) is int and v >= 0,
+               "a split seed (an integer >= 0)")
+    if "args" in defenses:
+        arguments("defenses.args", defenses["args"])
+    if "per_defense_args" in defenses:
+        per_method("defenses.per_defense_args", defenses["per_defense_args"], "defense")
+    exclude = raw.get("exclude") or []
+    if not isinstance(exclude, list):
+        fail("exclude", f"must be a list of maps, got {exclude!r}")
 
 
 def content_digest(path: Path) -> str:
@@ -140,10 +219,11 @@ class Grid:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"grid file {path} not found (see configs/grids/ for examples)")
-        raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"name", "runs_dir", "data_dir", "profile", "attacks", "defenses", "exclude"}
-        if unknown:
-            raise ValueError(f"{path}: unknown grid keys {sorted(unknown)}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        check_schema(raw, path)
         grid = cls(name=raw.get("name", path.stem), runs_dir=Path(raw.get("runs_dir", f"runs/grids/{path.stem}")),
                    data_dir=str(raw.get("data_dir", "data")), profile=raw.get("profile"),
                    attacks=raw.get("attacks") or {},

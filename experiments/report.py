@@ -3,7 +3,8 @@
 Fig. 6: box plots of ASR, RDR and ARR per defense. Fig. 7: median RDR and ARR against median ASR per defense,
 with the rectangles spanned by FP's and FT's medians (a method inside both beats both baselines). Figs. 8-14:
 the same box plots split by SPC, attack, static vs dynamic attack, backbone, dataset and poisoning ratio.
-Summary: median and IQR per defense, and seconds per run; the attack table: every attacked model's test ACC / ASR
+Summary: median and IQR per defense (ASR, RDR, ARR, ACC, RA; DER and RIR medians), seconds per run and a ranking by
+median DER; per-attack tables of each defense's medians; the attack table: every attacked model's test ACC / ASR
 / RA and seconds (always present, and all there is for an attack-only grid). Output: report.md, report.html, PNGs.
 """
 
@@ -41,17 +42,32 @@ def prepared(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Median and IQR of each score per defense, with the number of runs and the median seconds."""
+    """Median and IQR of each score per defense, with the number of runs, the median seconds, and the ranking by
+    median DER (BackdoorBench's rating of ASR removed against accuracy lost; 1 is best)."""
     rows = []
     for method, group in table.groupby("method"):
         row = {"defense": method, "runs": len(group)}
-        for column, label in [*SCORES, ("acc_after", "ACC")]:
+        for column, label in [*SCORES, ("acc_after", "ACC"), ("ra_after", "RA")]:
             q1, med, q3 = group[column].quantile([0.25, 0.5, 0.75])
             row[f"{label} median"], row[f"{label} IQR"] = med, q3 - q1
+        row["DER median"], row["RIR median"] = group["der"].median(), group["rir"].median()
         row["seconds median"] = group["seconds"].median()
         rows.append(row)
     out = pd.DataFrame(rows)
+    out["rank (DER)"] = out["DER median"].rank(ascending=False, method="min").astype(int)
     return out.set_index("defense").loc[method_order(list(out["defense"]))].reset_index()
+
+
+def per_attack(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One table per attack: each defense's medians over its runs on that attack's models (pooled medians hide
+    that a method removes one trigger and not another)."""
+    columns = [("asr_after", "ASR"), ("rdr", "RDR"), ("arr", "ARR"), ("acc_after", "ACC"), ("ra_after", "RA")]
+    out = {}
+    for attack, part in table.groupby("attack"):
+        med = part.groupby("method")[[c for c, _ in columns]].median().rename(columns=dict(columns))
+        med.insert(0, "runs", part.groupby("method").size())
+        out[str(attack)] = med.loc[method_order(list(med.index))].rename_axis("defense").reset_index()
+    return out
 
 
 def boxplots(table: pd.DataFrame, path: Path, split: str | None = None, title: str = "") -> Path:
@@ -75,8 +91,10 @@ def boxplots(table: pd.DataFrame, path: Path, split: str | None = None, title: s
                 ax.plot([], [], color=colour, lw=6, label=str(level)) if level is not None else None
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
+    counts = [", ".join(str(int(((table["method"] == m) & (table[split] == level)).sum())) if split else
+                        str(int((table["method"] == m).sum())) for level in levels) for m in methods]
     axes[-1].set_xticks(range(len(methods)))
-    axes[-1].set_xticklabels(methods, rotation=45, ha="right")
+    axes[-1].set_xticklabels([f"{m}\nn={c}" for m, c in zip(methods, counts)], rotation=45, ha="right")
     if split:
         axes[0].legend(title=split, fontsize=8, ncol=min(len(levels), 6))
     fig.suptitle(title)
@@ -96,9 +114,10 @@ def scatter(table: pd.DataFrame, path: Path) -> Path:
                 ax.add_patch(Rectangle((0, min(0, y)), x, abs(y), fill=False, ec=colour, ls="--",
                                        label=f"{baseline} rectangle"))
         ax.scatter(med["asr_after"], med[column], color="tab:blue")
-        for method, row in med.iterrows():
-            ax.annotate(method, (row["asr_after"], row[column]), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
+        for method, (dx, dy) in label_offsets(med["asr_after"], med[column]).items():
+            ax.annotate(method, (med.loc[method, "asr_after"], med.loc[method, column]), fontsize=8,
+                        xytext=(dx, dy), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"} if dy > 6 else None)
         ax.set_xlabel("median ASR")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -108,6 +127,23 @@ def scatter(table: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def label_offsets(x: pd.Series, y: pd.Series, width: float = 0.12, height: float = 0.035) -> dict[str, tuple[int, int]]:
+    """Point offsets for the labels of Fig. 7: each label takes the lowest line (9 points apart) at which it does not
+    cover an earlier label (`width`, `height`: a label's size as a fraction of the axes), so clusters of methods stay
+    readable; labels near the right edge go to the left of their point."""
+    span_x, span_y = max(float(x.max() - x.min()), 1e-9), max(float(y.max() - y.min()), 1e-9)
+    placed: list[tuple[float, float]] = []  # label positions, axes fractions
+    offsets = {}
+    for method in sorted(x.index, key=lambda m: (y[m], x[m])):
+        px, py = (x[method] - x.min()) / span_x, (y[method] - y.min()) / span_y
+        line = 0
+        while any(abs(qx - px) < width and abs(qy - (py + line * height)) < height for qx, qy in placed):
+            line += 1
+        placed.append((px, py + line * height))
+        offsets[method] = (-3 - 6 * len(method) if px > 0.85 else 3, 3 + 9 * line)
+    return offsets
 
 
 def attack_table(attacks: pd.DataFrame) -> pd.DataFrame:
@@ -152,6 +188,13 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, attacks: pd.DataFrame
         md += [line, "", "## Summary (median, IQR)", "", table_summary.to_markdown(index=False, floatfmt=".3f"), ""]
         body += [f"<p>{html.escape(line)}</p>", "<h2>Summary (median, IQR)</h2>",
                  table_summary.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
+        if table["attack"].nunique() > 1:
+            md += ["## Per attack (medians)", ""]
+            body.append("<h2>Per attack (medians)</h2>")
+            for attack, rows in per_attack(table).items():
+                md += [f"### {attack}", "", rows.to_markdown(index=False, floatfmt=".3f"), ""]
+                body += [f"<h3>{html.escape(attack)}</h3>",
+                         rows.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
         for caption, path in drawn:
             md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
             body.append(f"<h2>{html.escape(caption)}</h2><img src='{path.name}' style='max-width:100%'>")

@@ -2,14 +2,17 @@
 
 Idempotent and resumable: a run is finished when its marker exists (attack.json for an attacked model,
 result.json for a defense run; both written atomically, last). Anything else in a run folder is a run that was
-interrupted: the folder is cleared and the run redone. Workers are spawned processes that each import torch
-once and run many LightningCLI invocations, one device each (`--devices 0,1` for GPUs, `cpu` by default);
-they die with the runner (PR_SET_PDEATHSIG), so a killed runner leaves no orphan writing into the tree.
+interrupted: the folder is cleared and the run redone, unless another runner or sweep agent is running it (a flock
+on `.<run>.lock` beside the folder, held for the whole run): then it is left to that process. Workers are
+spawned processes that each import torch once and run many LightningCLI invocations, one device each
+(`--devices 0,1` for GPUs, `cpu` by default); they die with the runner (PR_SET_PDEATHSIG), so a killed runner
+leaves no orphan writing into the tree.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -19,7 +22,9 @@ import sys
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,11 +98,39 @@ def _init_worker(devices: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on `<parent>/.<run>.lock` for the whole run; yields False (and holds nothing) when
+    another process holds it. The kernel drops a flock when its process ends, however it ends, so the lock of a
+    killed runner is free again at once: the lock file itself means nothing."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def execute(job: Job) -> dict[str, Any]:
-    """Run one job in this process; returns {"status": "done" | "failed", ...}."""
+    """Run one job in this process, under its run lock; returns {"status": "done" | "failed" | "busy", ...}
+    ("busy": another runner or agent is running it now, and its folder was left alone)."""
     run_dir = Path(job.run_dir)
     if read_marker(run_dir, job.kind) is not None:
         return {"status": "done", "skipped": True}
+    with run_lock(run_dir) as mine:
+        if not mine:
+            return {"status": "busy"}
+        if read_marker(run_dir, job.kind) is not None:  # finished by another process since the check above
+            return {"status": "done", "skipped": True}
+        return _execute(job, run_dir)
+
+
+def _execute(job: Job, run_dir: Path) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
     run_dir.mkdir(parents=True)
     write_json(run_dir / "run.json", {"kind": job.kind, "key": job.key, "fields": job.fields, "argv": list(job.argv)})
@@ -175,6 +208,7 @@ def run_grid(
             queue.put(device)
     bar = tqdm(total=len(attacks) + len(defenses), desc=grid.name, unit="run", disable=not progress)
     failures: list[dict[str, Any]] = []
+    busy: list[str] = []  # runs another runner or agent holds
     futures: dict[Any, Job] = {}
     executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads))
 
@@ -197,9 +231,12 @@ def run_grid(
                 job = futures.pop(future)
                 outcome = future.result()
                 bar.update(1)
-                if outcome["status"] == "failed":
-                    failures.append({"key": job.key, "kind": job.kind, "error": outcome["error"],
-                                     "log": str(Path(job.run_dir) / "error.txt")})
+                if outcome["status"] in ("failed", "busy"):
+                    if outcome["status"] == "failed":
+                        failures.append({"key": job.key, "kind": job.kind, "error": outcome["error"],
+                                         "log": str(Path(job.run_dir) / "error.txt")})
+                    else:
+                        busy.append(job.key)
                     if job.kind == "attack":  # its defense runs cannot start
                         bar.update(len(by_attack[job.key]))
                 elif job.kind == "attack":
@@ -215,7 +252,7 @@ def run_grid(
             signal.signal(sig, handler)
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    return {"attacks": len(attacks), "defenses": len(defenses), "failures": failures}
+    return {"attacks": len(attacks), "defenses": len(defenses), "failures": failures, "busy": busy}
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -3,10 +3,15 @@
 `python train.py fit --config configs/quickstart.yaml`. Runs log to runs/<name>/version_<n>/ (CSV by
 default; add --config configs/logger/wandb.yaml for W&B) with config.yaml and checkpoints/last.ckpt.
 Without an explicit logger name, the name is derived from the config: <dataset>-<attack>-<backbone>.
+`test` with a fitted run's config.yaml logs to <run>/test/version_<n>/, leaving the run's files alone.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +19,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import EpochSummary, Gallery
+from lightning_modules import attacks, defenses  # noqa: F401 - every method known by its short name (--model.help FT)
+
+
+# Quiet runs: Lightning's advertising tip and a deprecation raised inside Lightning itself (its pytree helper on
+# this torch) say nothing about the run.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip"))
 
 
 class BackdoorCLI(LightningCLI):
@@ -32,6 +45,7 @@ class BackdoorCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            seed_everything_default=kwargs.pop("seed_everything_default", 0),  # Lightning's own None means 0 too
             trainer_defaults=trainer_defaults,
             args=args,
             run=run,
@@ -39,15 +53,90 @@ class BackdoorCLI(LightningCLI):
         )
 
     def after_fit(self) -> None:
-        """Every fit ends with the test stage on the final weights (test/acc, test/asr, test/ra)."""
+        """Every fit ends with the test stage on the final weights (test/acc, test/asr, test/ra); a W&B run also
+        gets the defense's result record in its config and the checkpoint and result.json as an artifact."""
         if not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)
+        wandb_loggers = [lg for lg in self.trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        if wandb_loggers and self.trainer.is_global_zero and not self.trainer.interrupted:
+            log_to_wandb(wandb_loggers, self.trainer, self.model)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.get("trainer.logger")
-        if hasattr(logger, "init_args") and "name" in logger.init_args and logger.init_args.name is None:
-            logger.init_args.name = run_name(config)
+        loggers = [lg for lg in (logger if isinstance(logger, list) else [logger]) if hasattr(lg, "init_args")]
+        for lg in loggers:
+            if "name" in lg.init_args and lg.init_args.name is None:
+                lg.init_args.name = run_name(config)
+            if lg.class_path.endswith("WandbLogger") and self.subcommand == "fit":
+                extra = dict(lg.get("dict_kwargs") or {})
+                for key, value in wandb_fields(config).items():
+                    extra.setdefault(key, value)
+                lg["dict_kwargs"] = extra
+        if self.subcommand in ("test", "validate", "predict"):
+            for lg in loggers:
+                keep_fitted_run(lg)
+            if config.get("weights_only") is None:  # --ckpt_path: never unpickle code, whatever the torch default
+                config.weights_only = True
+
+
+def wandb_fields(config: Any) -> dict[str, Any]:
+    """wandb.init's group, job type and config for a train.py run (the grid runner sets its own): an attacked
+    model groups its defense runs, which name it through --model.backdoored."""
+    backdoored = config.get("model.init_args.backdoored")
+
+    def leaf(path: str) -> str | None:
+        value = config.get(path)
+        return None if value is None else (value.class_path if hasattr(value, "class_path") else str(value))
+
+    if backdoored is not None:
+        run = Path(str(backdoored)).parents[1]  # <run>/checkpoints/last.ckpt
+        fields = {"defense": leaf("model").rpartition(".")[2], "backdoored": str(backdoored),
+                  "spc": config.get("data.init_args.spc"), "ratio": config.get("data.init_args.ratio"),
+                  "split_seed": config.get("data.init_args.split_seed")}
+        return {"group": run.parent.name if run.name.startswith("version_") else run.name, "job_type": "defense",
+                "config": {"run": fields}}
+    fields = {"dataset": config.get("data.init_args.dataset"), "attack": (leaf("data.init_args.trigger") or
+              leaf("model") or "").rpartition(".")[2], "backbone": (leaf("model.init_args.backbone") or
+              "").rpartition(".")[2], "poison_ratio": config.get("data.init_args.poison_ratio"),
+              "target": config.get("data.init_args.target"), "seed": config.get("seed_everything")}
+    return {"group": run_name(config), "job_type": "attack", "config": {"run": fields}}
+
+
+def log_to_wandb(loggers: list[Any], trainer: L.Trainer, model: L.LightningModule) -> None:
+    """After fit: a defense's result record (dataset, attack, defense, spc, split seed, scores, defense_info) into
+    the run's config, and the run's checkpoint and result.json as one artifact."""
+    import wandb
+
+    result = getattr(model, "result", None)
+    folder = Path(trainer.log_dir or trainer.default_root_dir)
+    files = [folder / "checkpoints" / "last.ckpt", Path(getattr(model, "result_path", lambda: "")() or "")]
+    for logger in loggers:
+        if result is not None:
+            logger.experiment.config.update({"result": {k: v for k, v in result.items() if k != "config"}},
+                                            allow_val_change=True)
+        kind = "defense" if result is not None else "attack"
+        artifact = wandb.Artifact(f"{logger.experiment.name or 'run'}-{kind}".replace("/", "-"), type=kind)
+        for path in files:
+            if path.is_file():
+                artifact.add_file(str(path))
+        if artifact.manifest.entries:
+            logger.experiment.log_artifact(artifact)
+
+
+def keep_fitted_run(logger: Any) -> None:
+    """`test` (or validate, predict) with a fitted run's own config.yaml would log into that run's folder and
+    overwrite its metrics.csv and config.yaml: point a file logger whose folder holds a run at
+    `<run folder>/test/version_<n>/` instead (W&B keeps its own run; its files follow the first logger's folder)."""
+    if not logger.class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+        return
+    args = logger.init_args
+    folder = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    version = args.get("version")
+    if version is not None:
+        folder = folder / (version if isinstance(version, str) else f"version_{version}")
+    if (folder / "config.yaml").exists() or (folder / "metrics.csv").exists():
+        args.save_dir, args.name, args.version = str(folder / "test"), "", None
 
 
 def run_name(config: Any) -> str:
@@ -73,3 +162,17 @@ def run_name(config: Any) -> str:
         leaf("model.init_args.backbone"),
     ]
     return "-".join(p for p in parts if p) or "run"
+
+
+def main(args: list[str] | None = None) -> None:
+    """`python train.py <fit|test|validate|predict> ...` (and `backdoor-bench fit ...`): known errors in one line."""
+    from datamodules.errors import short_errors
+
+    argv = sys.argv
+    if args is not None:  # LightningCLI warns when argv and args both hold arguments
+        sys.argv = sys.argv[:1]
+    try:
+        with short_errors("train.py"):
+            BackdoorCLI(args=args)
+    finally:
+        sys.argv = argv

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -39,7 +40,11 @@ def sgd_with_schedule(
     elif schedule == "cosine":
         t_max = cosine_t_max or trainer.max_epochs
         if t_max is None or t_max < 1:  # a run bounded by max_steps: anneal per step over those steps
-            steps = int(trainer.estimated_stepping_batches)
+            steps = trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ValueError(f"a cosine schedule needs a finite run: got --trainer.max_epochs {trainer.max_epochs} "
+                                 f"and no --trainer.max_steps; set max_epochs >= 1 (or max_steps)")
+            steps = int(steps)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)

@@ -66,3 +66,30 @@ def assert_ignores_test_sets(make: Callable[[Path], Defense], checkpoint: Path, 
     for key, value in plain.state_dict().items():
         assert torch.equal(value, other[key]), key
     return plain, swapped
+
+
+def wandb_records(run_dir: Path) -> dict[str, list]:
+    """The records of an offline W&B run (`<dir>/run-<id>.wandb`: a 7-byte header, then LevelDB-log blocks of
+    32 KiB whose records hold protobuf wandb Records), grouped by record type: what `wandb sync` would upload."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = next(run_dir.glob("run-*.wandb")).read_bytes()
+    out: dict[str, list] = {}
+    pos, buf = 7, b""
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        buf += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.setdefault(record.WhichOneof("record_type"), []).append(record)
+            buf = b""
+    return out

@@ -53,6 +53,35 @@ def test_cli_ratio_out_of_range(tmp_path) -> None:
         run_cli("fit", *QUICK, "--data.init_args.poison_ratio", "5", cwd=tmp_path)
 
 
+def test_cli_endless_run_with_a_cosine_schedule(tmp_path) -> None:
+    """`--trainer.max_epochs -1` (Lightning's "no limit") with no max_steps: the cosine schedule has no length."""
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_epochs", "-1",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    with pytest.raises(ValueError, match=r"cosine schedule needs a finite run.*max_epochs -1"):
+        run_cli("fit", *args, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.init_args.poison_ratio", "1.5"], "poison_ratio must lie in [0, 1] (a fraction of the training set)"),
+    (["--trainer.max_epochs", "-1"], "a cosine schedule needs a finite run"),
+])
+def test_train_py_says_a_known_error_in_one_line(tmp_path, args, message) -> None:
+    """On the command line a known error is one line plus where the traceback is, not 40-105 lines."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("BACKDOOR_BENCH_DEBUG", None)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml"),
+                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and f"train.py: error: {message}" in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "error" in line or "Error" in line]) == 1, proc.stderr
+
+
 def test_checkpoint_of_another_architecture(tmp_path, backdoored_checkpoint) -> None:
     """The fixture is a SmallCNN of width 16 on digits (10 classes)."""
     import functools

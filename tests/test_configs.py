@@ -5,6 +5,7 @@ A config of a group that has no rule here fails the test: add its composition be
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from datamodules.datasets import DATASETS
 from tests.conftest import CONFIGS, REPO, run_cli, write_synthetic_prepared
+from tests.helpers import wandb_records
 
 NOT_CLI = {"grids", "sweeps"}  # grid files, checked by tests/test_grid.py
 ALL = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in NOT_CLI)
@@ -82,10 +84,27 @@ def test_config_runs(rel: Path, tmp_path: Path, request) -> None:
         pytest.skip("needs a CUDA device")
     if rel == Path("trainer/cpu_ddp.yaml"):
         pytest.skip("DDP relaunches the script: covered by test_ddp_two_cpu_processes")
-    args = ["fit", *composition(rel), *TINY, *OVERRIDES.get(str(rel), []), *data_dir_for(rel, tmp_path, request)]
+    tiny = TINY if rel.parts[0] != "logger" else [  # fast_dev_run would replace the loggers by a dummy
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1", *TINY[2:]]
+    args = ["fit", *composition(rel), *tiny, *OVERRIDES.get(str(rel), []), *data_dir_for(rel, tmp_path, request)]
     cli = run_cli(*args, cwd=tmp_path)
     assert cli.trainer.state.finished
     assert "test/acc" in cli.trainer.callback_metrics
+    if rel.parts[0] == "logger":  # the run's files in its own folder, never in runs/ itself (where runs collide)
+        log_dir = tmp_path / cli.trainer.log_dir
+        assert log_dir.parent.parent == tmp_path / "runs" and (log_dir / "config.yaml").is_file()
+        assert not any((tmp_path / "runs" / name).exists() for name in ("config.yaml", "gallery.png"))
+        import wandb
+
+        wandb.finish()  # in this process: flush the run, as the end of a train.py process does
+        records = wandb_records(next((tmp_path / "runs" / "wandb").glob("offline-run-*")))
+        run = records["run"][0].run
+        config = {u.key: json.loads(u.value_json) for u in run.config.update}
+        assert (run.run_group, run.job_type) == ("digits-badnets-smallcnn", "attack")
+        assert config["run"] | {"dataset": "digits", "attack": "BadNets", "poison_ratio": 0.1} == config["run"]
+        artifact = records["artifact"][0].artifact
+        assert [e.path for e in artifact.manifest.contents] == ["last.ckpt"] and artifact.type == "attack"
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import experiments.grid
 from experiments.grid import Grid, identity
 from experiments.sweeps import sweep_configs, write_sweeps
 from tests.conftest import CONFIGS, REPO
+from tests.helpers import wandb_records
 
 SURVEY_DEFENSES = ["fp", "bnp", "clp", "anp", "awm", "rnp", "mmbd", "npd",
                    "ft", "fst", "ftsam", "nad", "nc", "pbe", "ibau", "sau"]
@@ -159,11 +160,62 @@ def test_profile_adds_overlays_between_method_and_dataset_configs(tmp_path) -> N
     ({"attacks": {"datasets": ["mnist"], "attacks": ["badnets"], "backbones": ["small_cnn"], "poison_ratios": [0.1]}},
      "unknown dataset 'mnist'"),
     ({"exclude": [{"colour": "red"}]}, "exclude entries"),
-    ({"surprise": 1}, "unknown grid keys"),
+    ({"surprise": 1}, "surprise: unknown key"),
+    ({"defences": {}}, r"defences: unknown key \(did you mean 'defenses'\?\)"),
 ])
 def test_bad_grid_files(tmp_path, change, match) -> None:
     with pytest.raises(ValueError, match=match):
         Grid.load(write_grid(tmp_path, **change))
+
+
+@pytest.mark.parametrize("section, key, value, match", [
+    ("defenses", "split_seed", [0, 1, 2], r"defenses.split_seed: unknown key \(did you mean 'split_seeds'\?\)"),
+    ("attacks", "seed", [0], r"attacks.seed: unknown key \(did you mean 'seeds'\?\)"),
+    ("defenses", "per_defense_arg", {}, "defenses.per_defense_arg: unknown key"),
+    ("defenses", "spc", [0], "defenses.spc: 0 is not a number of clean samples per class"),
+    ("defenses", "spc", [2.5], "defenses.spc: 2.5 is not a number of clean samples per class"),
+    ("defenses", "spc", 10, "defenses.spc: must be a non-empty list, got 10"),
+    ("defenses", "split_seeds", [-1], "defenses.split_seeds: -1 is not a split seed"),
+    ("attacks", "seeds", [True], "attacks.seeds: True is not a seed"),
+    ("attacks", "poison_ratios", [1.5], r"attacks.poison_ratios: 1.5 is not a poison ratio in \[0, 1\]"),
+    ("attacks", "datasets", "digits", "attacks.datasets: must be a non-empty list"),
+    ("attacks", "args", [["--trainer.max_epochs", "3"]], "attacks.args: .* is not a command-line word"),
+    ("attacks", "per_attack_args", {"badnetz": []}, "attacks.per_attack_args.badnetz: no configs/attack/badnetz.yaml"),
+    ("defenses", "per_defense_args", {"ft": "--trainer.max_epochs 3"}, "defenses.per_defense_args.ft: must be a"),
+])
+def test_every_key_of_a_grid_file_is_checked(tmp_path, section, key, value, match) -> None:
+    """Misspelled or ill-typed keys inside a section are refused when the grid loads (they used to be ignored, or
+    to fail run by run), and `grid.py` says so in one line."""
+    spec = yaml.safe_load(write_grid(tmp_path).read_text())
+    spec[section][key] = value
+    path = write_grid(tmp_path, **{section: spec[section]})
+    with pytest.raises(ValueError, match=match):
+        Grid.load(path)
+    proc = run_grid_cli("count", str(path), cwd=tmp_path)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and output.count("\n") == 1 and "Traceback" not in output, output
+
+
+def test_a_held_run_is_left_alone(tmp_path) -> None:
+    """A run another process is running (its lock held) is neither cleared nor run again: `execute` answers busy.
+    Once the lock is free (its holder gone), the interrupted folder is cleared and the run redone."""
+    import fcntl
+
+    from experiments.runner import attack_job, execute, run_lock
+
+    grid = Grid.load(write_grid(tmp_path))
+    attack = grid.attack_runs()[0]
+    run_dir = grid.attack_dir(attack)
+    run_dir.mkdir(parents=True)
+    (run_dir / "log.txt").write_text("a live run's log\n")
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert execute(attack_job(grid, attack, None)) == {"status": "busy"}
+        assert (run_dir / "log.txt").read_text() == "a live run's log\n"
+        with run_lock(run_dir) as mine:
+            assert not mine
+    with run_lock(run_dir) as mine:
+        assert mine
 
 
 def test_sweep_configs(tmp_path) -> None:
@@ -255,10 +307,11 @@ def finished_grid(tmp_path_factory) -> dict:
     runner.wait(timeout=60)
     kept = assert_unchanged(defense_records(runs))
     assert {p: kept[p] for p in first} == first, "a run finished before SIGTERM is not redone"
-    resumed = run_grid_cli("run", str(path), "--quiet", cwd=tmp_path)
-    output, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, output
-    return {"path": path, "runs": runs, "kept": kept, "tmp": tmp_path}
+    # two runners at once on what is left (a grid started twice): each run is run by one of them, once
+    resumed = [run_grid_cli("run", str(path), "--quiet", cwd=tmp_path) for _ in range(2)]
+    outputs = [r.communicate(timeout=900)[0] for r in resumed]
+    assert [r.returncode for r in resumed] == [0, 0], outputs
+    return {"path": path, "runs": runs, "kept": kept, "tmp": tmp_path, "outputs": outputs}
 
 
 def test_kill_and_resume(finished_grid) -> None:
@@ -270,10 +323,37 @@ def test_kill_and_resume(finished_grid) -> None:
         "every run exactly once"
     for path in runs.glob("defenses/*/*/result.json"):
         json.loads(path.read_text())  # no corrupt record
+        rows = (path.parent / "metrics.csv").read_text().splitlines()
+        assert rows.count(rows[0]) == 1, "one run per folder (two runs' CSV logs mixed)"
     for path, mtime in finished_grid["kept"].items():
         assert path.stat().st_mtime_ns == mtime, "a run finished before the kill is not redone"
     again = run_grid_cli("run", str(finished_grid["path"]), "--quiet", cwd=finished_grid["tmp"])
     assert again.wait(timeout=300) == 0 and len(collect(runs)) == 4
+
+
+def test_testing_a_run_leaves_its_files_alone(finished_grid) -> None:
+    """The README's `train.py test --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`, on an
+    attacked model and on a defense run: the grid's files stay byte-identical (it used to overwrite the run's
+    metrics.csv and config.yaml); the test logs to <run>/test/version_<n>/ instead."""
+    import hashlib
+
+    runs = finished_grid["runs"]
+
+    def digests() -> dict[Path, str]:
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(runs.rglob("*"))
+                if p.is_file() and "test" not in p.relative_to(runs).parts and not p.name.endswith(".lock")}
+
+    before = digests()
+    attack = next(runs.glob("attacks/*/attack.json")).parent
+    defense = next(runs.glob("defenses/*/ft-*/result.json")).parent
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    for run in (attack, defense):
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), "test", "--config", str(run / "config.yaml"),
+                               "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
+                              cwd=finished_grid["tmp"], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "test/acc" in (run / "test" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert digests() == before
 
 
 def test_report_matches_records(finished_grid) -> None:
@@ -354,18 +434,24 @@ def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     assert (run_dir / "result.json").exists()
     wandb_runs = list(run_dir.glob("wandb/offline-run-*"))
     assert wandb_runs, "an offline W&B run was written"
+    records = wandb_records(wandb_runs[0])
+    assert (records["run"][0].run.run_group, records["run"][0].run.job_type) == (run.attack.key, "defense")
+    updates = {u.key: json.loads(u.value_json) for r in records["config"] for u in r.config.update}
+    assert updates["result"]["defense"] == "FT" and updates["result"]["spc"] == run.spc
+    artifact = records["artifact"][0].artifact
+    assert sorted(e.path for e in artifact.manifest.contents) == ["last.ckpt", "result.json"]
 
 
 def test_notebook_runs_on_grid_outputs(finished_grid) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(REPO / "notebooks" / "explore_checkpoint.ipynb", as_version=4)
-    os.environ["GRID_RUNS"] = str(finished_grid["runs"])
-    try:
-        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(REPO)}}).execute()
-    finally:
-        del os.environ["GRID_RUNS"]
+    # what `papermill -p GRID_RUNS <runs>` does: a cell after the one tagged `parameters` overrides its values
+    tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "one parameters cell (papermill)"
+    notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(f"GRID_RUNS = {str(finished_grid['runs'])!r}"))
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
     text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "ACC:" in text and "ASR:" in text and "parameter tensors changed" in text
     assert "(from result.json)" in text and "CLP zeroed" in text, "the first run is the CLP one (sorted)"
@@ -475,3 +561,36 @@ def test_wandb_rows_and_local_rows_win(tmp_path, monkeypatch) -> None:
     assert len(table) == 3 and table.index.is_unique
     assert table.loc["digits-badnets-m1/ft-spc10-seed0-h1", "asr_after"] == 0.1, "the local record, not W&B's"
     assert table.loc["digits-badnets-m1/ft-spc10-seed4-h4", "source"] == "wandb:me/bench/id0.4"
+
+
+def test_report_per_attack_tables_and_ranking(tmp_path) -> None:
+    """Pooled medians hide per-attack behaviour: the report has one table per attack with each defense's medians,
+    the summary ranks defenses by median DER."""
+    from experiments.report import per_attack, summary, write_report
+    from experiments.results import collect
+
+    runs = tmp_path / "runs"
+    # FT removes BadNets (ASR 0.1) and not Blended (0.9); FP the reverse at a larger accuracy cost
+    for attack, scores in {"badnets": {"ft": 0.1, "fp": 0.8}, "blended": {"ft": 0.9, "fp": 0.2}}.items():
+        key = f"digits-{attack}-m"
+        fake_attack(runs, key, 0.97, attack=attack)
+        for defense, asr in scores.items():
+            for seed in range(3):
+                run = runs / "defenses" / key / f"{defense}-spc10-seed{seed}-h"
+                run.mkdir(parents=True)
+                fields = {**FIELDS, "attack": attack, "defense": defense, "spc": 10, "split_seed": seed}
+                (run / "run.json").write_text(json.dumps({"kind": "defense", "key": f"{key}/{run.name}",
+                                                          "fields": fields}))
+                record = {**fake_result(asr + 0.01 * seed), "defense": defense.upper()}
+                record["der"] = 0.9 if defense == "ft" else 0.7
+                (run / "result.json").write_text(json.dumps(record))
+    table = collect(runs)
+    tables = per_attack(table)
+    assert list(tables) == ["badnets", "blended"]
+    for attack, expected in {"badnets": {"FT": 0.11, "FP": 0.81}, "blended": {"FT": 0.91, "FP": 0.21}}.items():
+        rows = tables[attack].set_index("defense")
+        assert rows["ASR"].to_dict() == pytest.approx(expected) and (rows["runs"] == 3).all()
+    ranks = summary(table).set_index("defense")["rank (DER)"].to_dict()
+    assert ranks == {"FT": 1, "FP": 2}
+    report = Path(write_report(table, tmp_path / "report")).read_text()
+    assert "## Per attack (medians)" in report and "### badnets" in report and "### blended" in report

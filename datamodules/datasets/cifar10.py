@@ -27,5 +27,6 @@ class CIFAR10(ImageDataset):
         try:
             ds = TorchvisionCIFAR10(str(raw_dir), train=split == "train", download=download)
         except (OSError, RuntimeError) as err:
-            raise download_failed(self.spec.name, raw_dir, err) from err
+            raise download_failed(self.spec.name, raw_dir, err, "cifar-10-python.tar.gz (https://www.cs.toronto.edu/"
+                                  "~kriz/cifar-10-python.tar.gz; or the cifar-10-batches-py/ folder it holds)") from err
         return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)

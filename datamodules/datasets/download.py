@@ -8,11 +8,17 @@ import numpy as np
 from PIL import Image
 
 
-def download_failed(name: str, raw_dir: Path, err: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"could not get the original {name} files into {raw_dir} ({type(err).__name__}: {err}). "
-        f"Run `python -m datamodules.prepare {name} --data_dir <dir>` on a machine with internet access, "
-        f"or place the official archive's extracted folders under {raw_dir} and run it with --no-download."
+class DataUnavailable(RuntimeError):
+    """A dataset's original files could not be fetched (offline, or a server down): the message says what to
+    place where."""
+
+
+def download_failed(name: str, raw_dir: Path, err: Exception, place: str) -> DataUnavailable:
+    """`place`: which official files to put into raw_dir (and where they come from)."""
+    return DataUnavailable(
+        f"could not get the original {name} files into {raw_dir} ({type(err).__name__}: {err}). Either run "
+        f"`python -m datamodules.prepare {name} --data_dir <dir>` on a machine with internet access and copy "
+        f"<dir>/{name}/{{train,test}}.npz into {raw_dir.parent}, or put {place} into {raw_dir} and run it again."
     )
 
 

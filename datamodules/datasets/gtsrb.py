@@ -49,7 +49,10 @@ class GTSRB(ImageDataset):
             try:
                 TorchvisionGTSRB(str(raw_dir), split=split, download=True)
             except (OSError, RuntimeError) as err:
-                raise download_failed(self.spec.name, raw_dir, err) from err
+                raise download_failed(self.spec.name, raw_dir, err,
+                                      "gtsrb/ with GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and "
+                                      "GTSRB_Final_Test_GT.zip (https://sid.erda.dk/public/archives/"
+                                      "daaeac0d7ce1152aea9b61d9f1e19370/)") from err
         if split == "train":
             paths = sorted(train_dir.glob("*/*.ppm"))
             labels = [int(p.parent.name) for p in paths]

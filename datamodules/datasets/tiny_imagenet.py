@@ -44,7 +44,8 @@ class TinyImageNet(ImageDataset):
             try:
                 download_and_extract_archive(URL, str(raw_dir), md5=MD5)
             except (OSError, RuntimeError) as err:
-                raise download_failed(self.spec.name, raw_dir, err) from err
+                raise download_failed(self.spec.name, raw_dir, err,
+                                      f"tiny-imagenet-200.zip ({URL})") from err
         wnids = sorted((root / "wnids.txt").read_text().split())
         index = {w: i for i, w in enumerate(wnids)}
         if split == "train":
