@@ -82,6 +82,49 @@ def test_train_py_says_a_known_error_in_one_line(tmp_path, args, message) -> Non
     assert len([line for line in proc.stderr.splitlines() if "error" in line or "Error" in line]) == 1, proc.stderr
 
 
+def test_prepare_without_the_files_says_what_to_place_where(tmp_path) -> None:
+    """`python -m datamodules.prepare cifar10 --no-download` on an empty folder (what an offline machine meets):
+    one line naming the archive, where it comes from and where to put it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("BACKDOOR_BENCH_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "datamodules.prepare", "cifar10", "--no-download", "--data_dir",
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("datamodules.prepare: error: could not get the original cifar10")
+    assert f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in lines[0]
+    assert f"into {tmp_path / 'cifar10' / 'raw'}" in lines[0]
+
+
+def test_cli_help_for_a_defense_and_a_quiet_run(tmp_path) -> None:
+    """`--model.help FT` lists the defense's arguments; a run prints no advertising tip, no missing-seed warning
+    and no deprecation from inside Lightning."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    helped = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--model.help", "FT"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--model.backdoored" in helped.stdout, helped.stderr
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *QUICK,
+                          "--trainer.enable_progress_bar", "false"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    output = run.stdout + run.stderr
+    assert "test/acc" in output
+    for noise in ("Tip:", "No seed found", "LeafSpec"):
+        assert noise not in output, output
+
+
 def test_checkpoint_of_another_architecture(tmp_path, backdoored_checkpoint) -> None:
     """The fixture is a SmallCNN of width 16 on digits (10 classes)."""
     import functools

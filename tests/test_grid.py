@@ -332,12 +332,14 @@ def test_kill_and_resume(finished_grid) -> None:
 
 
 def test_testing_a_run_leaves_its_files_alone(finished_grid) -> None:
+    check_test_leaves_files_alone(finished_grid["runs"], finished_grid["tmp"])
+
+
+def check_test_leaves_files_alone(runs: Path, cwd: Path) -> None:
     """The README's `train.py test --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt`, on an
     attacked model and on a defense run: the grid's files stay byte-identical (it used to overwrite the run's
     metrics.csv and config.yaml); the test logs to <run>/test/version_<n>/ instead."""
     import hashlib
-
-    runs = finished_grid["runs"]
 
     def digests() -> dict[Path, str]:
         return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(runs.rglob("*"))
@@ -350,7 +352,7 @@ def test_testing_a_run_leaves_its_files_alone(finished_grid) -> None:
     for run in (attack, defense):
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), "test", "--config", str(run / "config.yaml"),
                                "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
-                              cwd=finished_grid["tmp"], env=env, capture_output=True, text=True, timeout=300)
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "test/acc" in (run / "test" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert digests() == before
@@ -372,6 +374,8 @@ def test_real_quickstart_grid_and_its_report(tmp_path) -> None:
     assert proc.returncode == 0, output
     assert len(defense_records(tmp_path / "runs")) == 42
     check_report(tmp_path / "runs", tmp_path)
+    assert "### badnets" in (tmp_path / "runs" / "report" / "report.md").read_text()  # a table per attack
+    check_test_leaves_files_alone(tmp_path / "runs", tmp_path)  # the README's test command on its runs
 
 
 def check_report(runs: Path, cwd: Path) -> None:
