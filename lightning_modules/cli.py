@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import EpochSummary, Gallery
@@ -65,6 +66,14 @@ class BackdoorCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.get("trainer.logger")
         loggers = [lg for lg in (logger if isinstance(logger, list) else [logger]) if hasattr(lg, "init_args")]
+        if loggers and not loggers[0].class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+            # the run's folder is the first logger's: only a file logger gives each run its own (W&B alone would
+            # put config.yaml, checkpoints and result.json of every run into its save_dir itself)
+            csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(
+                save_dir=loggers[0].init_args.get("save_dir") or "runs", name=None, version=None, prefix="",
+                flush_logs_every_n_steps=100))
+            loggers = [csv, *loggers]
+            config["trainer.logger"] = loggers
         for lg in loggers:
             if "name" in lg.init_args and lg.init_args.name is None:
                 lg.init_args.name = run_name(config)

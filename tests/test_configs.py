@@ -117,3 +117,19 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = (tmp_path / "runs" / "quickstart" / "version_0" / "metrics.csv").read_text()
     assert "test/acc" in metrics and "val/asr" in metrics
+
+
+def test_wandb_alone_still_gives_each_run_its_folder(tmp_path: Path) -> None:
+    """A W&B logger given without a file logger: a CSV log is put first, so the run's files stay in
+    runs/<name>/version_<n>/ and not in runs/ itself, where the next run would overwrite them."""
+    wandb_only = '{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": "runs"}}'
+    cli = run_cli("fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger", wandb_only,
+                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                  "--trainer.limit_test_batches", "1", cwd=tmp_path)
+    import wandb
+
+    wandb.finish()
+    log_dir = tmp_path / cli.trainer.log_dir
+    assert log_dir == tmp_path / "runs" / "digits-badnets-smallcnn" / "version_0"
+    assert (log_dir / "config.yaml").is_file() and (log_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not any((tmp_path / "runs" / name).exists() for name in ("config.yaml", "gallery.png", "checkpoints"))
