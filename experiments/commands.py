@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from datamodules.errors import short_errors
 from experiments.grid import Grid
 from experiments.sweeps import DEFAULT_MAX_RUNS
 
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wandb-entity", default=None)
     p.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    args.func(args)
+    with short_errors("grid.py"):
+        args.func(args)
 
 
 if __name__ == "__main__":
