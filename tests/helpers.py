@@ -93,3 +93,13 @@ def wandb_records(run_dir: Path) -> dict[str, list]:
             out.setdefault(record.WhichOneof("record_type"), []).append(record)
             buf = b""
     return out
+
+
+def dm_images(checkpoint: str | Path, spc: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """D_m of a checkpoint (split seed 0) as float images in [0, 1] and their labels."""
+    from datamodules.transforms import to_unit
+
+    data = MitigationDataModule(spc=spc, backdoored=str(checkpoint))
+    data.setup("fit")
+    x, y = data.tensors("train")
+    return to_unit(x), y

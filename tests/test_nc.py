@@ -16,6 +16,7 @@ from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import NC
 from lightning_modules.defenses._nc_reverse import SearchSettings, anomaly_index, reverse_engineer
 from lightning_modules.defenses.nc import PRUNE_LAYERS, image_keys
+from tests.helpers import dm_images
 
 
 class SmallTests(MitigationDataModule):
@@ -186,13 +187,10 @@ def test_trigger_search_makes_the_reversed_triggers_succeed(backdoored_checkpoin
     send all of D_m to their class, with CE falling by more than 5 nats; an ascent would keep them away."""
     import torch.nn.functional as F
 
-    from datamodules.transforms import to_unit
     from lightning_modules.defenses._nc_reverse import stamp, unit_box
 
     path = str(backdoored_checkpoint["path"])
-    data = MitigationDataModule(spc=10, backdoored=path)
-    data.setup("fit")
-    x = to_unit(data.tensors("train")[0])
+    x = dm_images(path)[0]
     defense = NC(path)
     net = defense.frozen_copy()
 

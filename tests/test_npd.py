@@ -13,6 +13,7 @@ from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import NPD, load_defended
 from lightning_modules.defenses.npd import POLARIZER_LAYERS
+from tests.helpers import dm_images
 
 
 class SmallTests(MitigationDataModule):
@@ -128,14 +129,10 @@ def test_perturbation_moves_toward_the_target(backdoored_checkpoint) -> None:
     which neither the clean images nor a random perturbation of the same L2 norm do; a step away from y~ would not."""
     import torch.nn.functional as F
 
-    from datamodules.transforms import to_unit
     from lightning_modules.defenses.npd import top_other
 
     path = str(backdoored_checkpoint["path"])
-    data = MitigationDataModule(spc=10, backdoored=path)
-    data.setup("fit")
-    x, y = data.tensors("train")
-    x = to_unit(x)
+    x, y = dm_images(path)
     model = NPD(path).eval()
     with torch.no_grad():
         target = top_other(model(x), y)

@@ -8,23 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
 from lightning_modules.backbones import BACKBONES
 from lightning_modules.defenses import PBE
-
-
-class SmallTests(MitigationDataModule):
-    """D_m as configured, the test sets cut to their first `n_test` images (cheap before/after measurements)."""
-
-    def __init__(self, *args, n_test: int = 32, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.n_test = n_test
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        for name in ("clean", "backdoor"):
-            self._sets[name] = TensorImages(*(t[: self.n_test] for t in self._sets[name].tensors))
+from tests.helpers import SmallTestSets as SmallTests
+from tests.helpers import dm_images
 
 
 def run_pbe(path, tmp_path, epochs: int = 3, spc: int = 3, n_test: int = 32, callbacks=(), **kwargs) -> PBE:
@@ -158,13 +145,8 @@ def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
 def test_pgd_ascends_beyond_random_noise_of_the_same_budget(backdoored_checkpoint) -> None:
     """The untargeted PGD examples of D_m (default budget, 0.0065 of a pixel on digits) raise CE(x~, y) well above
     the clean images and a random sign perturbation at the same L_inf budget; descent steps would not."""
-    from datamodules.transforms import to_unit
-
     path = str(backdoored_checkpoint["path"])
-    data = MitigationDataModule(spc=10, backdoored=path)
-    data.setup("fit")
-    x, y = data.tensors("train")
-    x = to_unit(x)
+    x, y = dm_images(path)
     model = PBE(path).eval()
     x_adv = model.perturb(x, y)
     sign = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(1)).mul(2).sub(1)

@@ -14,7 +14,8 @@ from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import SAU
 from lightning_modules.defenses.sau import attack_loss, shared_indicators, unlearning_terms
-from tests.test_pbe import SmallTests
+from tests.helpers import SmallTestSets as SmallTests
+from tests.helpers import dm_images
 
 
 def run_sau(path, tmp_path, epochs: int = 2, spc: int = 3, n_test: int = 32, callbacks=(), **kwargs) -> SAU:
@@ -154,23 +155,12 @@ def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
     assert len(model.info()["epochs"]) == 1 and 0 <= model.result["after"]["acc"] <= 1
 
 
-def dm_pixels(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """D_m at SPC 10 (100 images) as 0..1 pixels, and its labels."""
-    from datamodules import MitigationDataModule
-    from datamodules.transforms import to_unit
-
-    data = MitigationDataModule(spc=10, backdoored=path)
-    data.setup("fit")
-    x, y = data.tensors("train")
-    return to_unit(x), y
-
-
 def test_shared_search_flips_both_models_together(backdoored_checkpoint) -> None:
     """At the first step theta = theta_bar, so the search's objective is -CE (JS = 0): its signed descent steps must
     flip the models (together: shared) on nearly all of D_m, where its starting point (+bound everywhere) and a random
     sign perturbation of the same L_inf size flip few. Bound 0.05: the default 0.2 flips digits with any noise."""
     path = str(backdoored_checkpoint["path"])
-    x, y = dm_pixels(path)
+    x, y = dm_images(path)
     bound = 0.05
     model = SAU(path, bound=bound, attack_step_size=bound / 2).eval()
     model.prepare()
@@ -193,7 +183,7 @@ def test_shared_search_descends_the_divergence(backdoored_checkpoint) -> None:
     from lightning_modules.defenses.sau import js_divergence
 
     path = str(backdoored_checkpoint["path"])
-    x, y = dm_pixels(path)
+    x, y = dm_images(path)
     bound = 0.05
     model = SAU(path, bound=bound, attack_step_size=bound / 2, beta1=0.0).eval()
     model.prepare()
