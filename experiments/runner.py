@@ -146,6 +146,7 @@ def _execute(job: Job, run_dir: Path) -> dict[str, Any]:
                 cli = BackdoorCLI(args=[*job.argv, *device_args])
             finally:
                 sys.argv = argv
+                finish_wandb()  # a worker runs many runs: the next one must not log into this one's W&B run
             if job.kind == "attack":
                 metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
                 if not (run_dir / "checkpoints" / "last.ckpt").exists():
@@ -158,6 +159,13 @@ def _execute(job: Job, run_dir: Path) -> dict[str, Any]:
             (run_dir / "error.txt").write_text(traceback.format_exc())
             return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
     return {"status": "done"}
+
+
+def finish_wandb() -> None:
+    """End the process's W&B run, if one is open (its records are then complete on disk, also offline)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 class redirect_fds:

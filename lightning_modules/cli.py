@@ -61,6 +61,8 @@ class BackdoorCLI(LightningCLI):
         wandb_loggers = [lg for lg in self.trainer.loggers if type(lg).__name__ == "WandbLogger"]
         if wandb_loggers and self.trainer.is_global_zero and not self.trainer.interrupted:
             log_to_wandb(wandb_loggers, self.trainer, self.model)
+        for logger in wandb_loggers:  # complete on disk when fit returns; the next run in this process starts anew
+            logger.experiment.finish()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
