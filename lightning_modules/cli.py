@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import EpochSummary, Gallery
 from lightning_modules import attacks, defenses  # noqa: F401 - every method known by its short name (--model.help FT)
-
 
 # Quiet runs: Lightning's advertising tip and a deprecation raised inside Lightning itself (its pytree helper on
 # this torch) say nothing about the run.
