@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
         trigger, data = build_attack(name, args.data, extras.get(name, []), fit=name not in checkpoints)
         label = name
         if name in checkpoints:
-            from lightning_modules.checkpoint import load_attacked
+            from datamodules.checkpoint import load_attacked
 
             trigger = load_attacked(checkpoints[name]).trigger
             label = f"{name} ({'trained' if name in LEARNED_IN_TRAINING else 'from its run'})"

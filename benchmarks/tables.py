@@ -18,26 +18,30 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from experiments.results import collect, collect_attacks
+from datamodules.triggers import TRIGGERS
+from experiments.names import (
+    attack_display,
+    attack_key,
+    defense_display,
+    family_members,
+)
+from experiments.results import collect, collect_attacks, load_attack_result
 
-PRUNING = ["FT", "FP", "BNP", "CLP", "ANP", "AWM", "RNP", "MMBD", "NPD"]
-FINE_TUNING = ["FT", "FST", "FTSAM", "NAD", "NC", "PBE", "IBAU", "SAU", "BCU"]
-NAMES = {"MMBD": "MM-BD", "FTSAM": "FT-SAM", "IBAU": "i-BAU"}
-ATTACK_NAMES = {"badnets": "BadNets", "blended": "Blended", "sig": "SIG", "lf": "LF", "ssba": "SSBA",
-                "wanet": "WaNet", "iab": "IAB", "bpp": "BPP", "lira": "LIRA", "clean": "clean (no attack)"}
+PRUNING = ["FT", *family_members("pruning")]  # FT, the baseline, heads both tables
+FINE_TUNING = family_members("fine-tuning")
+ATTACK_ORDER = ["clean", "badnets", "blended", "sig", "lf", "ssba", "wanet", "iab", "bpp", "lira"]  # the survey's
 
 
 def defense_table(table: pd.DataFrame, methods: list[str]) -> str:
     rows = []
     for (dataset, attack), part in table.groupby(["dataset", "attack"], sort=False):
         for method in methods:
-            runs = part[part["method"] == method]
+            runs = part[part["defense"] == method]
             if runs.empty:
                 continue
             m = runs.median(numeric_only=True)
-            rows.append(f"| {dataset} | {ATTACK_NAMES.get(attack, attack)} | {NAMES.get(method, method)} | {len(runs)} "
+            rows.append(f"| {dataset} | {attack_display(attack)} | {defense_display(method)} | {len(runs)} "
                         f"| {m.acc_before:.3f} → {m.acc_after:.3f} | {m.asr_before:.3f} → {m.asr_after:.3f} "
                         f"| {m.ra_before:.3f} → {m.ra_after:.3f} | {m.arr:.3f} | {m.rdr:.3f} | {m.seconds:.1f} |")
     head = ("| dataset | attack | defense | runs | ACC before → after | ASR before → after | RA before → after "
@@ -45,26 +49,10 @@ def defense_table(table: pd.DataFrame, methods: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-def saved_config(source: str, *keys: str) -> object:
-    """A value of the LightningCLI config saved beside a run's marker (None when absent or unreadable)."""
-    try:
-        value = yaml.safe_load((Path(source).parent / "config.yaml").read_text())
-        for key in keys:
-            value = value[key]
-        return value
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return None
-
-
-def epochs_of(source: str) -> str:
-    """max_epochs of the run."""
-    epochs = saved_config(source, "trainer", "max_epochs")
-    return "?" if epochs is None else str(epochs)
-
-
 def pattern_of(source: str) -> str:
     """The trigger file of the run (LF's `pattern`, Blended's `image`), '' when the default one was used."""
-    args = saved_config(source, "data", "init_args", "trigger", "init_args")
+    trigger = load_attack_result(source)["trigger"]
+    args = trigger["init_args"] if trigger else None
     value = (args.get("pattern") or args.get("image")) if isinstance(args, dict) else None
     return Path(value).name if isinstance(value, str) else ""
 
@@ -80,14 +68,15 @@ def attack_table(attacks: pd.DataFrame) -> str:
             unpoisoned = r.attack == "clean" or r.poison_ratio == 0
             same = part[(part["attack"] == r.attack) & (part["poison_ratio"] == 0)]
             recipe = f"{r.acc - float(same['acc'].iloc[0]):+.3f}" if len(same) and not unpoisoned else "–"
-            name = ATTACK_NAMES.get(r.attack, r.attack) + (" recipe, nothing poisoned" if r.poison_ratio == 0
-                                                           and r.attack != "clean" else "")
+            name = attack_display(r.attack) + (" recipe, nothing poisoned" if r.poison_ratio == 0
+                                            and r.attack != "clean" else "")
             if pattern := pattern_of(r.source):
                 name += f" (`{pattern}`)"
             asr = "–" if r.attack == "clean" else f"{r.asr:.3f}"
             ra = "–" if r.attack == "clean" else f"{r.ra:.3f}"
             ratio = "–" if r.attack == "clean" else f"{r.poison_ratio:g}"
-            rows.append(f"| {dataset} | {name} | {ratio} | {epochs_of(r.source)} | {r.acc:.3f} "
+            epochs = "?" if pd.isna(r.epochs) else str(int(r.epochs))
+            rows.append(f"| {dataset} | {name} | {ratio} | {epochs} | {r.acc:.3f} "
                         f"| {r.acc - clean_acc:+.3f} | {recipe} | {asr} | {ra} | {r.seconds:.0f} |")
     head = ("| dataset | attack | poison ratio | epochs | ACC | ACC − clean | ACC − same recipe, ratio 0 | ASR | RA "
             "| seconds |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -105,9 +94,10 @@ def main() -> None:
         print("\nFT and the fine-tuning family\n\n" + defense_table(table, FINE_TUNING))
     else:
         attacks = pd.concat([collect_attacks(d) for d in args.runs_dirs], ignore_index=True)
-        order = {a: i for i, a in enumerate(["clean", *(a for a in ATTACK_NAMES if a != "clean")])}
+        order = {a: i for i, a in enumerate([*ATTACK_ORDER, *(a for a in TRIGGERS if a not in ATTACK_ORDER)])}
         attacks = attacks.sort_values(["dataset", "attack", "poison_ratio"],
-                                      key=lambda s: s.map(order) if s.name == "attack" else s, kind="stable")
+                                      key=lambda s: s.map(attack_key).map(order) if s.name == "attack" else s,
+                                      kind="stable")
         print(attack_table(attacks))
 
 

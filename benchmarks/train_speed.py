@@ -31,7 +31,7 @@ from datamodules import BackdoorDataModule
 from datamodules.datasets import CIFAR10, write_npz
 from datamodules.triggers import BadNets
 from lightning_modules import VictimTraining
-from lightning_modules.backbones import BACKBONES
+from core.backbones import BACKBONES
 
 BATCH = 128
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -20,14 +19,21 @@ from torch.utils.data import DataLoader
 from datamodules.cache import cached
 from datamodules.datasets import DataSpec, get_dataset
 from datamodules.loader import TensorImages, tensor_loader
-from datamodules.poisoning import Mode, attack_labels, check_attack_args, poison_indices
+from datamodules.poisoning import (
+    Mode,
+    backdoor_candidates,
+    check_attack_args,
+    poison_indices,
+    poison_training_set,
+)
+from datamodules.tensor_module import TensorDataModule
 from datamodules.triggers.base import Trigger
 
 CLEAN, BACKDOOR = 0, 1  # evaluation dataloader indices
 DEFAULT_CACHE = os.environ.get("BACKDOOR_BENCH_CACHE", "~/.cache/backdoor-bench")
 
 
-class BackdoorDataModule(L.LightningDataModule):
+class BackdoorDataModule(TensorDataModule):
     """Args:
         dataset: registered dataset name (digits, cifar10, gtsrb, tiny_imagenet).
         data_dir: folder holding `<dataset>/{train,test}.npz` (written by `python -m datamodules.prepare`).
@@ -42,6 +48,11 @@ class BackdoorDataModule(L.LightningDataModule):
         download: prepare missing dataset files by downloading the originals.
         cache_dir: where poisoned copies are cached; None: no disk cache.
         on_device: keep the whole dataset on the accelerator (GPU runs).
+        serve_untriggered_backdoor_set: without a trigger, still serve the backdoor test set (non-target test
+            images with attack and true labels) untriggered: training-controlled attacks (configs/attack/wanet.yaml,
+            iab, bpp, lira) trigger its images themselves at evaluation.
+        victim_backbone: the victim's backbone {class_path, init_args}, for triggers made against it (LF's
+            surrogate, the survey's per-backbone LF pattern); train.py links it from model.init_args.backbone.
     """
 
     def __init__(
@@ -59,8 +70,10 @@ class BackdoorDataModule(L.LightningDataModule):
         download: bool = True,
         cache_dir: str | None = DEFAULT_CACHE,
         on_device: bool = True,
+        serve_untriggered_backdoor_set: bool = False,
+        victim_backbone: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(on_device)
         self.source = get_dataset(dataset)
         check_attack_args(poison_ratio, target, self.source.spec.num_classes, mode)
         if trigger is not None and trigger.clean_label and mode != "all_to_one":
@@ -71,13 +84,10 @@ class BackdoorDataModule(L.LightningDataModule):
         self.poison_ratio, self.target, self.mode, self.poison_seed = poison_ratio, target, mode, poison_seed
         self.ratio_over_target = ratio_over_target
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.download, self.on_device = download, on_device
+        self.download = download
         self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
-        # Training-controlled attacks trigger test images themselves: they set this to get the untriggered
-        # backdoor candidates (non-target images with attack and true labels) when `trigger` is None.
-        self.serve_untriggered_backdoor_set = False
+        self.serve_untriggered_backdoor_set, self.victim_backbone = serve_untriggered_backdoor_set, victim_backbone
         self.poison_indices: Tensor | None = None
-        self._sets: dict[str, TensorImages] = {}
 
     @property
     def spec(self) -> DataSpec:
@@ -96,15 +106,12 @@ class BackdoorDataModule(L.LightningDataModule):
             return
         x_train, y_train = self.source.load(self.data_dir, "train")
         x_test, y_test = self.source.load(self.data_dir, "test")
-        y_attack = attack_labels(y_test, self.target, self.mode, self.num_classes)
-        keep = y_attack != y_test
-        x_bd, ya_bd, yt_bd = x_test[keep], y_attack[keep], y_test[keep]
+        x_bd, ya_bd, yt_bd = backdoor_candidates(x_test, y_test, self.target, self.mode, self.num_classes)
         if self.trigger is None:
             self.poison_indices = torch.zeros(0, dtype=torch.long)
         else:
             if not self.trigger.from_record:
-                victim = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-                self.trigger.bind_run(self.dataset, self.target, self.data_dir, getattr(victim, "backbone_spec", None))
+                self.trigger.bind_run(self.dataset, self.target, self.data_dir, self.victim_backbone)
                 self.trigger.fit(x_train, y_train)  # e.g. SSBA trains its encoder on the clean training set
                 if self.trigger.report():
                     rank_zero_info(f"{type(self.trigger).__name__} trigger: "
@@ -115,11 +122,8 @@ class BackdoorDataModule(L.LightningDataModule):
             poisoned = cached(self.cache_dir, self._cache_key(x_train, y_train, x_test, idx),
                               lambda: {"train": self.trigger.apply_chunked(x_train[idx]),
                                        "test": self.trigger.apply_chunked(x_bd)})
-            x_train = x_train.clone()
-            x_train[idx] = poisoned["train"]
-            if not self.trigger.clean_label:
-                y_train = y_train.clone()
-                y_train[idx] = attack_labels(y_train[idx], self.target, self.mode, self.num_classes)
+            x_train, y_train = poison_training_set(x_train, y_train, self.trigger, idx, self.target, self.mode,
+                                                   self.num_classes, triggered=poisoned["train"])
             x_bd, self.poison_indices = poisoned["test"], idx
         device = self._device()
         self._sets = {
@@ -136,17 +140,10 @@ class BackdoorDataModule(L.LightningDataModule):
             "indices": idx, "target": self.target, "mode": self.mode,
         }
 
-    def _device(self) -> torch.device:
-        if self.on_device and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
-            return self.trainer.strategy.root_device
-        return torch.device("cpu")
-
     def tensors(self, part: str) -> tuple[Tensor, ...]:
         """The tensors of one part: "train" (poisoned training set) and "clean" as (images, labels);
         "backdoor" as (images, attack labels, true labels), triggered when this module has a trigger."""
-        if part not in self._sets:
-            raise KeyError(f"no {part!r} data (have {sorted(self._sets)}; call setup() first)")
-        return self._sets[part].tensors
+        return super().tensors(part)
 
     @property
     def has_backdoor_set(self) -> bool:

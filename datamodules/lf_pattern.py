@@ -1,38 +1,17 @@
-"""Generate the LF trigger pattern (Zeng et al., ICCV 2021): a targeted universal adversarial perturbation,
-low-pass filtered, against a clean surrogate model, cached on disk per (dataset, surrogate, seed, settings).
+"""Generate the LF trigger pattern (Zeng et al., "Rethinking the Backdoor Attacks' Triggers: A Frequency
+Perspective", ICCV 2021): a targeted universal adversarial perturbation, low-pass filtered, against a clean
+surrogate model, cached on disk per (dataset, surrogate, seed, settings).
 
-The algorithm of BackdoorBench's resource/lowFrequency scripts (universal_pert.py, deepfool.py, gauss_smooth.py):
-`num_images` (100) random training images; per pass (at most `passes`, 50) in a fresh random order, every image
-the pattern v does not yet move to the target gets a targeted DeepFool perturbation r toward the target
-(overshoot 0.02, at most `max_iter` 200 iterations, linearised toward target minus the image's starting class);
-if DeepFool reached the target, v <- minmax(G(v + G(r))), G a Gaussian low-pass filter (sigma 6 px, 30 taps,
-zero padding, as the reference) and minmax a rescale of the whole pattern to [0, `max_value` = 0.2], so v is
-non-negative and stored as uint8 round(255 v), 0..51 like the reference files. After each pass the fooling
-rate (share of held-out images whose prediction changes) is measured; generation stops once it reaches
-`fooling_rate` (0.2) or the last 5 rates lie within 0.01 (the reference's plateau rule).
-
-Differs from the reference, and why:
-- pixels: the surrogate sees 0..1 pixels and normalises inside (the reference ran DeepFool on un-normalised
-  0..1 images fed to a network trained on normalised ones, and measured the fooling rate on normalised images
-  plus v); images with the pattern are clipped to [0, 1] as the trigger clips them.
-- held-out images: `holdout_per_class` (10) *training* images per class, disjoint from the fitted ones (the
-  reference used 10 test images per class; an attacker has no business with the test set).
-- "moved" means predicted as the target (the reference tested "prediction changed", an untargeted test);
-  an update is taken when DeepFool reached the target (the reference: when it stopped before max_iter - 1).
-- batching (`chunk`): DeepFool runs on `chunk` images at once, all starting from the pattern as it stood at
-  the start of their chunk; their accepted updates are then folded into v one by one in the shuffled order,
-  each followed by the filter and rescale. chunk = 1 is exactly the reference's one-image-at-a-time
-  sequence; chunk > 1 lets images of a chunk miss the updates of the chunk's earlier images (faster on GPUs).
-- the surrogate: a clean model of the chosen backbone trained `surrogate_epochs` epochs on the clean training
-  set with the victim recipe (SGD 0.01, momentum 0.9, wd 5e-4, batch 128, cosine, the dataset's crop/flip),
-  or a clean checkpoint of this project (BackdoorBench used its fully trained clean models).
-
-Cost, measured as CPU time of one thread (the 2-core machine was shared with ~20 other jobs, so wall times
-there were 10x longer): configs/attack/lf.yaml's digits setting (SmallCNN width 16, 10 surrogate epochs,
-100 images, chunk 1) 21 CPU-s in all, most of it the surrogate; it stopped after 1 pass (fooling rate 0.62).
-tests/test_lf.py's tiny setting (width 8, 2 epochs, 20 images, 2 passes) 3 CPU-s. CIFAR-10 with a
-PreAct-ResNet18 surrogate is GPU work (20 surrogate epochs; DeepFool at chunk 1 is ~100 sequential images
-per pass).
+BackdoorBench's resource/lowFrequency algorithm: per pass over `num_images` shuffled images, a targeted DeepFool
+step for every image not yet sent to the target, v <- minmax(G(v + G(r))) (Gaussian sigma 6 px, rescaled to
+[0, `max_value` = 0.2]), stored as uint8 0..51; stop at `fooling_rate` or on a plateau of 5 passes.
+Differs from the reference (docs/fidelity.md, "LF"): 0..1 pixels normalised inside the surrogate; held-out
+images from the training set, not the test set; "moved" means predicted as the target; `chunk` > 1 batches
+DeepFool (chunk 1 = the reference's sequence); the surrogate is trained here (`surrogate_epochs`, victim recipe)
+or a clean checkpoint of this project.
+Defaults: configs/attack/lf.yaml.
+Cost: surrogate training, then up to `passes` x `num_images` DeepFool runs (<= `max_iter` fwd + bwd each);
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -48,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.backbones import build_backbone
 from datamodules.cache import cached
 from datamodules.datasets import DataSpec, get_dataset
 from datamodules.transforms import BatchAugment, Normalize
@@ -145,7 +125,7 @@ def generate_pattern(cfg: PatternGeneration, cache_dir: str | None = "default") 
         raise ValueError(
             f"LF pattern generation needs {', '.join(cfg.unbound())}: run it through a BackdoorDataModule (which "
             f"fills them from the run: its dataset, target and victim backbone) or name them in `generate` "
-            f"(surrogate: {{class_path, init_args}}, e.g. lightning_modules.backbones.PreActResNet18, or a clean "
+            f"(surrogate: {{class_path, init_args}}, e.g. core.backbones.PreActResNet18, or a clean "
             f"surrogate_checkpoint)")
     source = get_dataset(cfg.dataset)
     if not 0 <= cfg.target < source.spec.num_classes:
@@ -179,7 +159,9 @@ def generate_pattern(cfg: PatternGeneration, cache_dir: str | None = "default") 
 
 
 def load_clean_surrogate(path: str, spec: DataSpec) -> tuple[nn.Module, DataSpec]:
-    from lightning_modules.checkpoint import load_attacked  # lazy: lightning_modules imports datamodules
+    from datamodules.checkpoint import (
+        load_attacked,  # lazy: the checkpoint module imports the triggers, LF among them
+    )
 
     if not os.path.isfile(path):
         raise ValueError(f"LF surrogate_checkpoint {path} not found; train one with configs/attack/clean.yaml")
@@ -194,8 +176,6 @@ def load_clean_surrogate(path: str, spec: DataSpec) -> tuple[nn.Module, DataSpec
 
 def train_surrogate(cfg: PatternGeneration, x: Tensor, y: Tensor, spec: DataSpec, device: torch.device) -> nn.Module:
     """A clean classifier (pixels in, logits out) trained briefly with the victim recipe."""
-    from lightning_modules.backbones import build_backbone  # lazy: lightning_modules imports datamodules
-
     net = build_backbone(cfg.surrogate, spec.num_classes).to(device)
     model = nn.Sequential(Normalize(spec.mean, spec.std), net).to(device)
     augment = BatchAugment(spec.crop_padding, spec.hflip)

@@ -2,8 +2,8 @@
 
 Everything about the data comes from the attacked checkpoint's backdoor record: the dataset, the
 trigger (to build the backdoor *test* set, which only the benchmark's evaluation sees) and the poisoned
-indices (which D_m must avoid). By default the record is the one the defense LightningModule loaded
-(`trainer.lightning_module.backdoor_record`); `backdoored` names a checkpoint instead (notebooks, scripts).
+indices (which D_m must avoid). `backdoored` names that checkpoint; train.py links it from the defense's
+`model.init_args.backdoored`.
 
 Loaders: train = D_m minus D_v, `(x, y)` uint8 batches; val = D_v; test = [clean, backdoor] as in
 `BackdoorDataModule`. `tensors()` gives D_m directly for defenses that iterate themselves.
@@ -13,20 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.datasets import DataSpec, get_dataset
 from datamodules.loader import TensorImages, tensor_loader
-from datamodules.poisoning import attack_labels
+from datamodules.poisoning import backdoor_test_set
 from datamodules.record import load_record
 from datamodules.splits import MitigationSplit, split_by_ratio, split_by_spc
+from datamodules.tensor_module import TensorDataModule
 from datamodules.triggers.base import build_trigger
 
 
-class MitigationDataModule(L.LightningDataModule):
+class MitigationDataModule(TensorDataModule):
     """Args:
         spc: clean samples per class in D_m (the survey's SPC: 2, 10 or 100). Exactly one of spc / ratio.
         ratio: D_m as a fraction of the training set instead (BackdoorBench's default 0.05).
@@ -38,7 +37,8 @@ class MitigationDataModule(L.LightningDataModule):
             global seed) instead of one shuffled pass; ANP's fork samples 2,000 batches of 256 this way
             (its config: 128,000 = 500 batches per epoch). None (the default): one pass without replacement.
         eval_batch_size: batch size of D_v and the test sets.
-        backdoored: path of the attacked checkpoint; None: the defense module's record.
+        backdoored: path of the attacked checkpoint (train.py links it from model.init_args.backdoored);
+            None, for direct use with a Trainer only: the record of the defense it runs with.
         data_dir: override the data folder recorded by the attack run.
         on_device: keep the tensors on the accelerator.
     """
@@ -56,7 +56,7 @@ class MitigationDataModule(L.LightningDataModule):
         data_dir: str | None = None,
         on_device: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(on_device)
         if (spc is None) == (ratio is None):
             raise ValueError(f"give exactly one of spc and ratio (got spc={spc}, ratio={ratio})")
         if spc is not None and spc < 1:
@@ -70,14 +70,14 @@ class MitigationDataModule(L.LightningDataModule):
         self.spc, self.ratio, self.split_seed, self.val_fraction = spc, ratio, split_seed, val_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.samples_per_epoch = samples_per_epoch
-        self.backdoored, self.data_dir, self.on_device = backdoored, data_dir, on_device
+        self.backdoored, self.data_dir = backdoored, data_dir
         self.split: MitigationSplit | None = None
         self.spec: DataSpec | None = None
-        self._sets: dict[str, TensorImages] = {}
 
     def _record(self) -> dict[str, Any]:
         if self.backdoored is not None:
             return load_record(self.backdoored)
+        # direct use (tests, notebooks) without `backdoored`: the record the defense module loaded
         module = self.trainer.lightning_module if self.trainer is not None else None
         record = getattr(module, "backdoor_record", None)
         if record is None:
@@ -112,23 +112,15 @@ class MitigationDataModule(L.LightningDataModule):
         }
         if attack is not None:
             trigger = build_trigger(attack["trigger"])
-            y_attack = attack_labels(y_test, attack["target"], attack["mode"], self.spec.num_classes)
-            keep = y_attack != y_test
-            sets["backdoor"] = TensorImages(trigger.apply_chunked(x_test[keep]), y_attack[keep], y_test[keep])
+            sets["backdoor"] = TensorImages(*backdoor_test_set(x_test, y_test, trigger, attack["target"],
+                                                               attack["mode"], self.spec.num_classes))
         device = self._device()
         self._sets = {k: v.to(device) for k, v in sets.items()}
-
-    def _device(self) -> torch.device:
-        if self.on_device and self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
-            return self.trainer.strategy.root_device
-        return torch.device("cpu")
 
     def tensors(self, part: str = "train") -> tuple[Tensor, ...]:
         """The tensors of one part: "train" (D_m minus D_v) and "val" (D_v) as (images, labels); the test sets
         "clean" as (images, labels) and "backdoor" as (triggered images, attack labels, true labels)."""
-        if part not in self._sets:
-            raise KeyError(f"no {part!r} data (have {sorted(self._sets)}; call setup() first)")
-        return self._sets[part].tensors
+        return super().tensors(part)
 
     def train_dataloader(self) -> DataLoader:
         return tensor_loader(self._sets["train"], self.batch_size, shuffle=True, num_samples=self.samples_per_epoch)

@@ -65,21 +65,30 @@ def poison_indices(
 
 
 def poison_training_set(
-    x: Tensor, y: Tensor, trigger: Trigger, indices: Tensor, target: int, mode: str, num_classes: int
+    x: Tensor, y: Tensor, trigger: Trigger, indices: Tensor, target: int, mode: str, num_classes: int,
+    triggered: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Copies of (x, y) with the trigger applied once, in uint8, to `x[indices]` and their labels set."""
+    """Copies of (x, y) with the trigger applied once, in uint8, to `x[indices]` and their labels set.
+    `triggered`: `trigger` already applied to `x[indices]` (BackdoorDataModule reads it from its disk cache)."""
     x, y = x.clone(), y.clone()
     if len(indices):
-        x[indices] = trigger.apply_chunked(x[indices])
+        x[indices] = trigger.apply_chunked(x[indices]) if triggered is None else triggered
         if not trigger.clean_label:
             y[indices] = attack_labels(y[indices], target, mode, num_classes)
     return x, y
+
+
+def backdoor_candidates(x: Tensor, y: Tensor, target: int, mode: str, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(images, attack labels, true labels) of the test images whose label the attack changes, untriggered
+    (training-controlled attacks trigger them at evaluation)."""
+    y_attack = attack_labels(y, target, mode, num_classes)
+    keep = y_attack != y
+    return x[keep], y_attack[keep], y[keep]
 
 
 def backdoor_test_set(
     x: Tensor, y: Tensor, trigger: Trigger, target: int, mode: str, num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(triggered images, attack labels, true labels) over the test images whose label would change."""
-    y_attack = attack_labels(y, target, mode, num_classes)
-    keep = y_attack != y
-    return trigger.apply_chunked(x[keep]), y_attack[keep], y[keep]
+    x_bd, y_attack, y_true = backdoor_candidates(x, y, target, mode, num_classes)
+    return trigger.apply_chunked(x_bd), y_attack, y_true

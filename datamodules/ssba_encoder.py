@@ -1,25 +1,14 @@
 """SSBA's StegaStamp encoder and decoder: the networks, their training on clean images, and a disk cache.
 
-The reference pipeline (BackdoorBench's resource/ssba, itself the "Artificial GAN Fingerprints" port of
-StegaStamp, Yu et al. ICCV 2021) trains a U-Net encoder E(image, bits) and a conv decoder D(image) -> bit
-logits together on the clean training images, each image with its own random bit string, with
-loss = l2_weight(t) * MSE(E(x, s), x) + bce_weight * BCE(D(E(x, s)), s). The L2 term is off until the
-decoder reads a batch with bit accuracy > 0.9 (`l2_gate`), then waits `l2_await` steps and ramps linearly to
-`l2_weight` over `l2_ramp` steps. Adam lr 1e-4, batch 64, 20 epochs, fingerprint length 100; images on
-the 0..1 scale; residual mode off: the encoder's sigmoid output *is* the encoded image.
-
-Ours follows that recipe with these differences:
-- Image fidelity is plain L2, as in the reference pipeline (the original StegaStamp's LPIPS and critic
-  losses are not used there either); no perceptual substitute.
-- The secret is spread from 16 x 16 to the image size by nearest interpolation (any size divisible by 16),
-  and each upsampling step is upsample + 3x3 conv instead of upsample + pad + 2x2 conv.
-- The decoder ends in global average pooling instead of a flatten sized for one resolution, and its convs
-  have batch norm: without it the secret loss sits at ln 2 for hundreds of steps before it starts to fall
-  (digits, 8 bits, 16 px: still at chance after 180 steps without, 0.88 bit accuracy with). The decoder
-  only trains the encoder; poisoning uses the encoder alone.
-- `width` scales the channels (32: the reference's 32/32/64/128/256); the activation gate is computed on
-  the device (no host sync per step); everything is seeded.
-Cost: see datamodules/triggers/ssba.py.
+The reference pipeline (BackdoorBench's resource/ssba, the "Artificial GAN Fingerprints" port of StegaStamp,
+Yu et al. ICCV 2021) trains a U-Net encoder E(image, bits) and a decoder D(image) -> bits on the clean training
+images with random bit strings: l2_weight(t) * MSE(E(x, s), x) + bce_weight * BCE(D(E(x, s)), s), the L2 term
+gated on bit accuracy > 0.9 (`l2_gate`), then ramped. Adam 1e-4, batch 64, 20 epochs, 100 bits.
+Differs from the reference (docs/fidelity.md, "SSBA"): secret upsampled by nearest interpolation and
+upsample + 3x3 conv (any size divisible by 16); decoder with BN (without it the secret loss stalls at ln 2) and
+global average pooling; `width` scales the channels (32 = the reference's); the gate runs on the device; seeded.
+Defaults: the reference's, above; the digits CPU setting: configs/attack/ssba.yaml.
+Cost: encoder + decoder fwd + bwd per image per epoch; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations

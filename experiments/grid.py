@@ -17,7 +17,8 @@ A grid file (configs/grids/*.yaml):
     defenses:
       defenses: [ft, fp, clp]            # configs/defense/<name>.yaml (+ configs/defense/<dataset>/<name>.yaml)
       spc: [2, 10]
-      split_seeds: [0, 1]
+      split_seeds: [0, 1]                # the draw of D_m (--data.split_seed)
+      seed_everything: split_seed        # the training seed: split_seed (the default) or one integer for all
       once_per_model: [clp]              # data-free: one run per attacked model, at the first spc and seed
       args: []
       per_defense_args: {}               # defense name -> extra arguments
@@ -27,6 +28,12 @@ A grid file (configs/grids/*.yaml):
 A profile is a folder of config overlays, one per method, applied after the method's own config and before its
 dataset's: `profile: survey` runs every method with the behaviours the survey's numbers depend on where they
 differ from the project's defaults (docs/fidelity.md lists each one and why).
+
+A defense run's training seed (`--seed_everything`: initialisation of new parts, batch order, augmentation) is
+its split seed unless `defenses.seed_everything` names one integer: so by default a split seed varies the defender's
+data and the training randomness together, and the spread over split seeds is the spread over both. An integer
+keeps the training seed fixed while D_m varies. Either way the seed is an argument of the run (in its key's hash)
+and its result.json states it (`seed`).
 
 Runs are identified by a readable key plus a hash of their arguments and of the contents of the config files they
 name (parsed: a comment or layout edit keeps the key), so changing an override or a value in a config YAML makes
@@ -47,12 +54,20 @@ from typing import Any
 
 import yaml
 
+from core.backbones import BACKBONES
+from core.registry import class_path
+from datamodules.datasets import DATASETS
+from datamodules.record import attack_run_name, defense_run_name
+from datamodules.triggers import TRIGGERS
+from lightning_modules.defenses import DEFENSES
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 MATCH_KEYS = {"dataset", "attack", "backbone", "poison_ratio", "seed", "defense", "spc", "split_seed"}
 TOP_KEYS = {"name", "runs_dir", "data_dir", "profile", "attacks", "defenses", "exclude"}
 ATTACK_KEYS = {"datasets", "attacks", "backbones", "poison_ratios", "seeds", "args", "per_attack_args"}
-DEFENSE_KEYS = {"defenses", "spc", "split_seeds", "once_per_model", "args", "per_defense_args"}
+DEFENSE_KEYS = {"defenses", "spc", "split_seeds", "seed_everything", "once_per_model", "args", "per_defense_args"}
+SPLIT_SEED = "split_seed"  # defenses.seed_everything: the training seed is each run's split seed
 
 
 def check_schema(raw: Any, path: Path) -> None:
@@ -121,6 +136,11 @@ def check_schema(raw: Any, path: Path) -> None:
     if "split_seeds" in defenses:
         values("defenses.split_seeds", defenses["split_seeds"], lambda v: type(v) is int and v >= 0,
                "a split seed (an integer >= 0)")
+    if "seed_everything" in defenses:
+        seed = defenses["seed_everything"]
+        if seed != SPLIT_SEED and not (type(seed) is int and seed >= 0):
+            fail("defenses.seed_everything", f"must be {SPLIT_SEED!r} (each run's split seed, the default) or a "
+                                             f"training seed (an integer >= 0), got {seed!r}")
     if "args" in defenses:
         arguments("defenses.args", defenses["args"])
     if "per_defense_args" in defenses:
@@ -178,7 +198,8 @@ class AttackRun:
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}-{self.attack}-{self.backbone}-p{self.poison_ratio:g}-s{self.seed}-{self.digest}"
+        return attack_run_name(self.dataset, self.attack, self.backbone, f"p{self.poison_ratio:g}", f"s{self.seed}",
+                               self.digest)
 
     def fields(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "attack": self.attack, "backbone": self.backbone,
@@ -196,9 +217,10 @@ class DefenseRun:
 
     @property
     def key(self) -> str:
-        return f"{self.defense}-spc{self.spc}-seed{self.split_seed}-{self.digest}"
+        return f"{defense_run_name(self.defense, self.spc, self.split_seed)}-{self.digest}"
 
     def fields(self) -> dict[str, Any]:
+        """The run's names in the grid (for its key, exclusions and W&B); its record says what it was."""
         return {**self.attack.fields(), "defense": self.defense, "spc": self.spc, "split_seed": self.split_seed}
 
 
@@ -236,12 +258,17 @@ class Grid:
         for key in ("datasets", "attacks", "backbones", "poison_ratios"):
             if not a.get(key):
                 raise ValueError(f"grid {self.name}: attacks.{key} must list at least one value")
-        checks = [("attack", a["attacks"], "attack"), ("model", a["backbones"], "backbone"),
-                  ("data", a["datasets"], "dataset"), ("defense", d.get("defenses", []), "defense")]
-        for folder, names, what in checks:
+        # names come from the registries; attacks and defenses also need their config (configs/<kind>/<name>.yaml),
+        # a registered backbone without configs/model/<name>.yaml is named by its class path
+        checks = [("attack", a["attacks"], {"clean", *TRIGGERS}), ("model", a["backbones"], set(BACKBONES)),
+                  ("data", a["datasets"], set(DATASETS)), ("defense", d.get("defenses", []), set(DEFENSES))]
+        for folder, names, known in checks:
+            what = {"model": "backbone", "data": "dataset"}.get(folder, folder)
             for n in names:
-                if not (CONFIGS / folder / f"{n}.yaml").exists():
-                    raise ValueError(f"grid {self.name}: unknown {what} {n!r} (no configs/{folder}/{n}.yaml)")
+                if n not in known:
+                    raise ValueError(f"grid {self.name}: unknown {what} {n!r}; registered: {', '.join(sorted(known))}")
+                if folder in ("attack", "defense", "data") and not (CONFIGS / folder / f"{n}.yaml").exists():
+                    raise ValueError(f"grid {self.name}: {what} {n!r} has no config configs/{folder}/{n}.yaml")
         profiled = [CONFIGS / kind / str(self.profile) for kind in ("attack", "defense")]
         if self.profile is not None and not any(p.is_dir() for p in profiled):
             raise ValueError(f"grid {self.name}: unknown profile {self.profile!r} (no configs/attack/{self.profile}/ "
@@ -274,8 +301,10 @@ class Grid:
         for dataset, attack, backbone, ratio, seed in itertools.product(
             a["datasets"], a["attacks"], a["backbones"], a["poison_ratios"], a.get("seeds", [0])
         ):
+            model = CONFIGS / "model" / f"{backbone}.yaml"
             args = [*config_args(CONFIGS / "data" / f"{dataset}.yaml", *self.method_configs("attack", attack, dataset),
-                                 CONFIGS / "model" / f"{backbone}.yaml"),
+                                 model),
+                    *([] if model.exists() else ["--model.init_args.backbone.class_path", class_path(BACKBONES[backbone])]),
                     "--data.init_args.poison_ratio", str(ratio), "--data.init_args.data_dir", self.data_dir,
                     "--seed_everything", str(seed), *map(str, a.get("args", [])),
                     *map(str, a.get("per_attack_args", {}).get(attack, []))]
@@ -289,13 +318,15 @@ class Grid:
         d = self.defenses
         spcs, seeds = d.get("spc", [10]), d.get("split_seeds", [0])
         once = set(d.get("once_per_model", []))
+        training_seed = d.get("seed_everything", SPLIT_SEED)
         runs = []
         for attack in attack_runs if attack_runs is not None else self.attack_runs():
             for defense in d.get("defenses", []):
                 combos = [(spcs[0], seeds[0])] if defense in once else itertools.product(spcs, seeds)
                 for spc, seed in combos:
                     args = [*config_args(*self.method_configs("defense", defense, attack.dataset)),
-                            "--data.spc", str(spc), "--data.split_seed", str(seed), "--seed_everything", str(seed),
+                            "--data.spc", str(spc), "--data.split_seed", str(seed),
+                            "--seed_everything", str(seed if training_seed == SPLIT_SEED else training_seed),
                             *map(str, d.get("args", [])), *map(str, d.get("per_defense_args", {}).get(defense, []))]
                     run = DefenseRun(attack, defense, int(spc), int(seed), tuple(args), short_hash(args, self.digests))
                     if not self.excluded(run.fields()):

@@ -20,24 +20,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from experiments.names import attack_kind, defense_order  # noqa: E402
 from experiments.results import ATTACK_COLUMNS  # noqa: E402
 
-PRUNING = ["FP", "BNP", "CLP", "ANP", "AWM", "RNP", "MMBD", "NPD", "NC"]
-FINE_TUNING = ["FT", "FST", "FTSAM", "NAD", "PBE", "IBAU", "SAU", "BCU"]
-DYNAMIC = {"SSBA", "IAB", "BPP", "WaNet", "LIRA", "ssba", "iab", "bpp", "wanet", "lira"}
 SCORES = [("asr_after", "ASR"), ("rdr", "RDR"), ("arr", "ARR")]
 SPLITS = [("spc", "SPC"), ("attack", "attack"), ("attack_type", "static vs dynamic attack"),
           ("backbone", "backbone"), ("dataset", "dataset"), ("poison_ratio", "poisoning ratio")]
 
 
 def method_order(methods: list[str]) -> list[str]:
-    known = [m for m in PRUNING + FINE_TUNING if m in methods]
-    return known + sorted(m for m in methods if m not in known)
+    return defense_order(methods)
 
 
 def prepared(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
-    table["attack_type"] = table["attack"].map(lambda a: "dynamic" if a in DYNAMIC else "static")
+    table["attack_type"] = table["attack"].map(attack_kind)
     return table
 
 
@@ -45,7 +42,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Median and IQR of each score per defense, with the number of runs, the median seconds, and the ranking by
     median DER (BackdoorBench's rating of ASR removed against accuracy lost; 1 is best)."""
     rows = []
-    for method, group in table.groupby("method"):
+    for method, group in table.groupby("defense"):
         row = {"defense": method, "runs": len(group)}
         for column, label in [*SCORES, ("acc_after", "ACC"), ("ra_after", "RA")]:
             q1, med, q3 = group[column].quantile([0.25, 0.5, 0.75])
@@ -64,14 +61,14 @@ def per_attack(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     columns = [("asr_after", "ASR"), ("rdr", "RDR"), ("arr", "ARR"), ("acc_after", "ACC"), ("ra_after", "RA")]
     out = {}
     for attack, part in table.groupby("attack"):
-        med = part.groupby("method")[[c for c, _ in columns]].median().rename(columns=dict(columns))
-        med.insert(0, "runs", part.groupby("method").size())
+        med = part.groupby("defense")[[c for c, _ in columns]].median().rename(columns=dict(columns))
+        med.insert(0, "runs", part.groupby("defense").size())
         out[str(attack)] = med.loc[method_order(list(med.index))].rename_axis("defense").reset_index()
     return out
 
 
 def boxplots(table: pd.DataFrame, path: Path, split: str | None = None, title: str = "") -> Path:
-    methods = method_order(sorted(table["method"].unique()))
+    methods = method_order(sorted(table["defense"].unique()))
     levels = sorted(table[split].dropna().unique(), key=lambda v: (isinstance(v, str), v)) if split else [None]
     fig, axes = plt.subplots(len(SCORES), 1, figsize=(max(6, 0.9 * len(methods) * max(1, len(levels) / 2)), 9),
                              sharex=True)
@@ -79,7 +76,7 @@ def boxplots(table: pd.DataFrame, path: Path, split: str | None = None, title: s
     for ax, (column, label) in zip(axes, SCORES):
         for i, level in enumerate(levels):
             part = table if level is None else table[table[split] == level]
-            data = [part.loc[part["method"] == m, column].dropna().to_numpy() for m in methods]
+            data = [part.loc[part["defense"] == m, column].dropna().to_numpy() for m in methods]
             positions = [j + (i - (len(levels) - 1) / 2) * width for j in range(len(methods))]
             keep = [(p, d) for p, d in zip(positions, data) if len(d)]
             if keep:
@@ -91,8 +88,8 @@ def boxplots(table: pd.DataFrame, path: Path, split: str | None = None, title: s
                 ax.plot([], [], color=colour, lw=6, label=str(level)) if level is not None else None
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    counts = [", ".join(str(int(((table["method"] == m) & (table[split] == level)).sum())) if split else
-                        str(int((table["method"] == m).sum())) for level in levels) for m in methods]
+    counts = [", ".join(str(int(((table["defense"] == m) & (table[split] == level)).sum())) if split else
+                        str(int((table["defense"] == m).sum())) for level in levels) for m in methods]
     axes[-1].set_xticks(range(len(methods)))
     axes[-1].set_xticklabels([f"{m}\nn={c}" for m, c in zip(methods, counts)], rotation=45, ha="right")
     if split:
@@ -105,7 +102,7 @@ def boxplots(table: pd.DataFrame, path: Path, split: str | None = None, title: s
 
 
 def scatter(table: pd.DataFrame, path: Path) -> Path:
-    med = table.groupby("method")[["asr_after", "rdr", "arr"]].median()
+    med = table.groupby("defense")[["asr_after", "rdr", "arr"]].median()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (column, label) in zip(axes, [("rdr", "median RDR"), ("arr", "median ARR")]):
         for baseline, colour in (("FP", "tab:orange"), ("FT", "tab:green")):
@@ -184,7 +181,7 @@ def write_report(table: pd.DataFrame, out_dir: str | Path, attacks: pd.DataFrame
         drawn = figures(table, out)
         table_summary = summary(table)
         line = (f"{len(table)} defense runs over {table['attack_key'].nunique()} attacked models; "
-                f"{table['method'].nunique()} defenses.")
+                f"{table['defense'].nunique()} defenses.")
         md += [line, "", "## Summary (median, IQR)", "", table_summary.to_markdown(index=False, floatfmt=".3f"), ""]
         body += [f"<p>{html.escape(line)}</p>", "<h2>Summary (median, IQR)</h2>",
                  table_summary.to_html(index=False, float_format=lambda v: f"{v:.3f}")]

@@ -1,11 +1,12 @@
 """The results store: every finished run under a runs folder (and W&B runs when online) as one table.
 
-One row per defense run: the grid's names (dataset, attack, backbone, poison_ratio, defense, spc, split_seed),
-ACC / ASR / RA before and after, ARR, RDR, DER, RIR, seconds, its run key and where the record lives. One row
-per attacked model in the attack table (test ACC / ASR / RA and seconds of its training). Records are found at
-any depth in the grid layout (<grid runs dir>/defenses/<attack key>/<run key>/result.json and
-<grid runs dir>/attacks/<attack key>/attack.json), so `runs/` collects every grid under it. Written as CSV, and
-Parquet when pyarrow is installed.
+One row per defense run, from its record (result.json, datamodules/record.py): what it was (dataset, attack,
+backbone, poison_ratio, defense, spc, split_seed, training seed; attacks, backbones and defenses by class name),
+ACC / ASR / RA before and after, ARR, RDR, DER, RIR, seconds; the grid's run.json only gives its run key. One row
+per attacked model in the attack table, from its attack.json record (test ACC / ASR / RA and seconds of its
+training). Records are found at any depth in the grid layout (<grid runs dir>/defenses/<attack key>/<run
+key>/result.json and <grid runs dir>/attacks/<attack key>/attack.json), so `runs/` collects every grid under it.
+Written as CSV, and Parquet when pyarrow is installed.
 """
 
 from __future__ import annotations
@@ -16,27 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
+
+from datamodules.record import (
+    AttackResult,
+    DefenseResult,
+    load_checkpoint,
+    load_result,
+    read_attack_result,
+    read_result,
+)
 
 KEY = "run_key"  # "<attack key>/<defense run key>": the same configuration wherever it ran
 METRICS = ["acc", "asr", "ra"]
-NAMES = ["dataset", "attack", "backbone", "poison_ratio", "defense", "spc", "split_seed"]
+NAMES = ["dataset", "attack", "backbone", "poison_ratio", "defense", "spc", "split_seed", "seed"]
 COLUMNS = [*NAMES, "attack_key", KEY, *(f"{m}_{s}" for s in ("before", "after") for m in METRICS),
-           "arr", "rdr", "der", "rir", "seconds", "seconds_total", "method", "grid", "source"]
-ATTACK_COLUMNS = ["dataset", "attack", "backbone", "poison_ratio", "seed", "acc", "asr", "ra", "seconds",
+           "arr", "rdr", "der", "rir", "seconds", "seconds_total", "grid", "source"]
+ATTACK_COLUMNS = ["dataset", "attack", "backbone", "poison_ratio", "seed", "epochs", "acc", "asr", "ra", "seconds",
                   "attack_key", "grid", "source"]
 
 
-def record_row(result: dict[str, Any], fields: dict[str, Any], run_key: str, grid: str,
-               source: str) -> dict[str, Any]:
-    row = {k: fields.get(k) for k in NAMES} | {"attack_key": run_key.partition("/")[0], KEY: run_key}
+def record_row(result: DefenseResult, run_key: str, grid: str, source: str) -> dict[str, Any]:
+    row = {k: result[k] for k in NAMES} | {"attack_key": run_key.partition("/")[0], KEY: run_key}
     for stage in ("before", "after"):
         for m in METRICS:
             row[f"{m}_{stage}"] = result[stage][m]
     row |= {k: result[k] for k in ("arr", "rdr", "der", "rir")}
     row["seconds"] = result["seconds"]["defense"]
     row["seconds_total"] = result["seconds"]["total"]
-    row |= {"method": result.get("defense"), "grid": grid, "source": source}
+    row |= {"grid": grid, "source": source}
     return row
 
 
@@ -61,11 +69,10 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(runs_dir.glob("**/defenses/*/*/result.json")):
         try:
-            run = json.loads((path.parent / "run.json").read_text())
-        except (OSError, ValueError):
+            run_key = json.loads((path.parent / "run.json").read_text())["key"]
+        except (OSError, ValueError, KeyError):
             continue  # a defense run of train.py's own layout, not the grid runner's
-        result = json.loads(path.read_text())
-        rows.append(record_row(result, run["fields"], run["key"], grid_name(runs_dir, path.parents[3]), str(path)))
+        rows.append(record_row(load_result(path), run_key, grid_name(runs_dir, path.parents[3]), str(path)))
     return drop_duplicates(pd.DataFrame(rows, columns=COLUMNS), KEY, str(runs_dir))
 
 
@@ -74,46 +81,66 @@ def collect_attacks(runs_dir: str | Path) -> pd.DataFrame:
     runs_dir = Path(runs_dir)
     rows = []
     for path in sorted(runs_dir.glob("**/attacks/*/attack.json")):
-        marker = json.loads(path.read_text())
-        fields = {**marker["fields"], **configured_ratio(path.parent / "config.yaml")}
-        rows.append({**fields, **{k.removeprefix("test/"): v for k, v in marker["metrics"].items()},
-                     "seconds": marker.get("seconds"), "attack_key": marker["key"],
+        try:
+            record = load_attack_result(path)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"{path}: left out ({err})", file=sys.stderr)
+            continue
+        rows.append({**{k: record[k] for k in ("dataset", "attack", "backbone", "poison_ratio", "seed", "epochs")},
+                     **{k.removeprefix("test/"): v for k, v in record["metrics"].items()},
+                     "seconds": record["seconds"], "attack_key": record["key"],
                      "grid": grid_name(runs_dir, path.parents[2]), "source": str(path)})
     return drop_duplicates(pd.DataFrame(rows, columns=ATTACK_COLUMNS), "attack_key", str(runs_dir))
 
 
-def configured_ratio(config_file: Path) -> dict[str, float]:
-    """{"poison_ratio": the ratio the run used} from its saved LightningCLI config (a grid's per-attack arguments
-    can override the grid's ratio axis, e.g. SIG on digits), or {} when there is no readable one."""
-    try:
-        config = yaml.safe_load(config_file.read_text()) or {}
-        return {"poison_ratio": float(config["data"]["init_args"]["poison_ratio"])}
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
-        return {}
+def load_attack_result(path: str | Path) -> AttackResult:
+    """The attack.json record at `path`; an older one is completed from the checkpoint beside it."""
+    path = Path(path)
+    checkpoint = path.parent / "checkpoints" / "last.ckpt"
+    return read_attack_result(json.loads(path.read_text()), lambda: load_checkpoint(checkpoint, mmap=True), path)
 
 
 def wandb_rows(runs: Any) -> list[dict[str, Any]]:
-    """Rows from W&B runs (wandb.Api().runs(...)) logged by defense runs of the grid runner; runs that did not
-    finish (no after/ metrics) are left out."""
+    """Rows from W&B runs (wandb.Api().runs(...)) logged by defense runs of the grid runner: from the result record
+    in their config (`result`); runs that did not finish (no after/ metrics) are left out."""
     rows = []
     for run in runs:
         summary, config = dict(run.summary), dict(run.config)
         flat = [f"{stage}/{m}" for stage in ("before", "after") for m in METRICS] + ["arr", "rdr", "der", "rir"]
         if any(k not in summary for k in flat):
             continue
-        result = {stage: {m: summary[f"{stage}/{m}"] for m in METRICS} for stage in ("before", "after")}
-        result |= {k: summary[k] for k in ("arr", "rdr", "der", "rir")}
-        result["seconds"] = {"defense": summary.get("seconds/defense"), "total": None}
-        fields = config.get("grid") or {}
-        model = config.get("model") if isinstance(config.get("model"), dict) else {}
-        # the Defense class, as LightningCLI logged it; else by the convention of lightning_modules/defenses/
-        # (the class in <name>.py is NAME)
-        class_name = str(model.get("class_path") or "").rpartition(".")[2]
-        result["defense"] = class_name or str(fields.get("defense", "")).upper()
-        run_key = config.get("run_key") or run.name  # the runner names each W&B run by its run key
         path = "/".join(run.path) if isinstance(run.path, (list, tuple)) else str(run.path)
-        rows.append(record_row(result, fields, run_key, f"wandb:{path.rpartition('/')[0]}", f"wandb:{path}"))
+        record = config.get("result")
+        if not isinstance(record, dict):  # logged before runs put their record in the config
+            record = legacy_wandb_record(summary, config)
+        run_key = config.get("run_key") or run.name  # the runner names each W&B run by its run key
+        rows.append(record_row(read_result(record, f"wandb:{path}"), run_key, f"wandb:{path.rpartition('/')[0]}",
+                               f"wandb:{path}"))
     return rows
+
+
+def legacy_wandb_record(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a result record that a W&B run without one logged: its metrics, and the grid's names turned
+    into the record's (class names, through the registries)."""
+    from core.backbones import BACKBONES
+    from datamodules.triggers import TRIGGERS
+    from lightning_modules.attacks import ATTACKS
+    from lightning_modules.defenses import DEFENSES
+
+    def class_name(registry: Any, key: Any) -> Any:
+        return registry[key].__name__ if key in registry else key
+
+    fields = config.get("grid") or {}
+    result: dict[str, Any] = {stage: {m: summary[f"{stage}/{m}"] for m in METRICS} for stage in ("before", "after")}
+    result |= {k: summary[k] for k in ("arr", "rdr", "der", "rir")}
+    result["seconds"] = {"defense": summary.get("seconds/defense"), "total": None}
+    attack = fields.get("attack")
+    result |= {"dataset": fields.get("dataset"), "poison_ratio": fields.get("poison_ratio"),
+               "attack": class_name(ATTACKS if attack in ATTACKS else TRIGGERS, attack),
+               "backbone": class_name(BACKBONES, fields.get("backbone")),
+               "defense": class_name(DEFENSES, fields.get("defense")),
+               "spc": fields.get("spc"), "split_seed": fields.get("split_seed"), "seed": None}
+    return result
 
 
 def collect_wandb(project: str, entity: str | None = None) -> pd.DataFrame:

@@ -1,12 +1,12 @@
 """Run a grid: attacked models once each, then every defense run on them, in parallel worker processes.
 
 Idempotent and resumable: a run is finished when its marker exists (attack.json for an attacked model,
-result.json for a defense run; both written atomically, last). Anything else in a run folder is a run that was
-interrupted: the folder is cleared and the run redone, unless another runner or sweep agent is running it (a flock
-on `.<run>.lock` beside the folder, held for the whole run): then it is left to that process. Workers are
-spawned processes that each import torch once and run many LightningCLI invocations, one device each
-(`--devices 0,1` for GPUs, `cpu` by default); they die with the runner (PR_SET_PDEATHSIG), so a killed runner
-leaves no orphan writing into the tree.
+result.json for a defense run: records of datamodules/record.py, written atomically, last). Anything else in a run
+folder is a run that was interrupted: the folder is cleared and the run redone, unless another runner or sweep
+agent is running it (a flock on `.<run>.lock` beside the folder, held for the whole run): then it is left to that
+process. Workers are spawned processes that each import torch once and run many LightningCLI invocations, one
+device each (`--devices 0,1` for GPUs, `cpu` by default); they die with the runner (PR_SET_PDEATHSIG), so a killed
+runner leaves no orphan writing into the tree.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.record import attack_result, load_checkpoint, training_seed, write_json
 from experiments.grid import AttackRun, DefenseRun, Grid
 
 ATTACK_DONE, DEFENSE_DONE = "attack.json", "result.json"
@@ -50,12 +51,6 @@ def read_marker(run_dir: Path, kind: str) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def logger_args(run_dir: Path, key: str, group: str, job_type: str, wandb_project: str | None,
@@ -133,6 +128,7 @@ def execute(job: Job) -> dict[str, Any]:
 def _execute(job: Job, run_dir: Path) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
     run_dir.mkdir(parents=True)
+    # the run's names in the grid and its arguments; what it was is in its record (attack.json, result.json)
     write_json(run_dir / "run.json", {"kind": job.kind, "key": job.key, "fields": job.fields, "argv": list(job.argv)})
     device_args = ["--trainer.accelerator", "cpu"] if _WORKER_DEVICE == "cpu" else \
         ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
@@ -149,10 +145,11 @@ def _execute(job: Job, run_dir: Path) -> dict[str, Any]:
                 finish_wandb()  # a worker runs many runs: the next one must not log into this one's W&B run
             if job.kind == "attack":
                 metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-                if not (run_dir / "checkpoints" / "last.ckpt").exists():
-                    raise RuntimeError(f"attack run finished without {run_dir}/checkpoints/last.ckpt")
-                write_json(run_dir / ATTACK_DONE, {"key": job.key, "fields": job.fields, "metrics": metrics,
-                                                   "seconds": time.perf_counter() - start})
+                seconds, checkpoint = time.perf_counter() - start, run_dir / "checkpoints" / "last.ckpt"
+                if not checkpoint.exists():
+                    raise RuntimeError(f"attack run finished without {checkpoint}")
+                write_json(run_dir / ATTACK_DONE, attack_result(job.key, load_checkpoint(checkpoint, mmap=True),
+                                                                training_seed(), metrics, seconds, checkpoint))
             elif read_marker(run_dir, "defense") is None:
                 raise RuntimeError(f"defense run finished without writing {run_dir}/{DEFENSE_DONE}")
         except BaseException as err:  # noqa: BLE001 - any failure is recorded and the grid goes on

@@ -7,18 +7,16 @@ pixel space whatever the dataset's normalisation. Evaluation loaders are `[clean
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from core.metrics import AttackSuccessRate, RecoveryAccuracy
 from datamodules.backdoor import BACKDOOR, CLEAN
 from datamodules.datasets import DataSpec
 from datamodules.transforms import BatchAugment, Normalize
-from lightning_modules.metrics import AttackSuccessRate, RecoveryAccuracy
 
 EVAL_STAGES = ("val", "test")
 
@@ -91,14 +89,3 @@ class ImageClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
-
-    @staticmethod
-    def datamodule_of(module: L.LightningModule) -> Any:
-        trainer = module._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "spec"):
-            raise RuntimeError(
-                f"{type(module).__name__} needs a DataModule of this project (e.g. datamodules.BackdoorDataModule) "
-                f"passed to the Trainer; plain dataloaders do not say which dataset, trigger or target they hold"
-            )
-        return datamodule

@@ -17,9 +17,11 @@ from typing import Any
 import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import EpochSummary, Gallery
+from core.backbones import backbone_config
+from datamodules.record import attack_run_name, defense_run_name
 from lightning_modules import attacks, defenses  # noqa: F401 - every method known by its short name (--model.help FT)
 
 # Quiet runs: Lightning's advertising tip and a deprecation raised inside Lightning itself (its pytree helper on
@@ -51,6 +53,20 @@ class BackdoorCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """What the model and the DataModule need of each other is passed at construction, never read through
+        the Trainer: the dataset and the poisoning (data -> model), the victim's backbone and the attacked
+        checkpoint (model -> data). Both are subclass-mode class_paths, and jsonargparse (4.53, _link_arguments.py)
+        skips a link whose source or target class lacks the parameter, so each link acts only where both ends
+        exist: `dataset` on VictimTraining and the attacks, poison_ratio/target/mode on the training-controlled
+        attacks, `victim_backbone` on BackdoorDataModule, `backdoored` on a defense and MitigationDataModule.
+        Linked values are left out of the saved config.yaml and derived again when it is read."""
+        parser.link_arguments("data.init_args.dataset", "model.init_args.dataset")
+        for name in ("poison_ratio", "target", "mode"):
+            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
+        parser.link_arguments("model.init_args.backbone", "data.init_args.victim_backbone", compute_fn=victim_backbone)
+        parser.link_arguments("model.init_args.backdoored", "data.init_args.backdoored")
 
     def after_fit(self) -> None:
         """Every fit ends with the test stage on the final weights (test/acc, test/asr, test/ra); a W&B run also
@@ -88,6 +104,16 @@ class BackdoorCLI(LightningCLI):
                 keep_fitted_run(lg)
             if config.get("weights_only") is None:  # --ckpt_path: never unpickle code, whatever the torch default
                 config.weights_only = True
+            defended_from_itself(config)
+
+
+def victim_backbone(backbone: Any) -> dict[str, Any] | None:
+    """{class_path, init_args} of the configured backbone, as VictimTraining.backbone_spec records it."""
+    if backbone is None:
+        return None
+    if isinstance(backbone, Namespace):
+        backbone = backbone.as_dict()
+    return backbone_config(backbone)
 
 
 def wandb_fields(config: Any) -> dict[str, Any]:
@@ -134,6 +160,18 @@ def log_to_wandb(loggers: list[Any], trainer: L.Trainer, model: L.LightningModul
             logger.experiment.log_artifact(artifact)
 
 
+def defended_from_itself(config: Any) -> None:
+    """`test --ckpt_path <defended checkpoint>` builds the defense from that checkpoint, which carries its attacked
+    model's record, not from the attacked checkpoint its hyperparameters name: that one may have moved or be gone
+    (Lightning puts a checkpoint's hyperparameters over the command line, so `--model.backdoored` cannot)."""
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is None or config.get("model.init_args.backdoored") is None or not Path(ckpt_path).is_file():
+        return
+    for key in ("model.init_args.backdoored", "data.init_args.backdoored"):
+        if config.get(key) is not None:
+            config[key] = str(ckpt_path)
+
+
 def keep_fitted_run(logger: Any) -> None:
     """`test` (or validate, predict) with a fitted run's own config.yaml would log into that run's folder and
     overwrite its metrics.csv and config.yaml: point a file logger whose folder holds a run at
@@ -153,10 +191,9 @@ def run_name(config: Any) -> str:
     """<dataset>-<attack>-<backbone> for attack runs (parts that are absent are left out), e.g.
     digits-badnets-smallcnn; <defense>-spc<k>-seed<s> for defense runs."""
     if config.get("model.init_args.backdoored") is not None:
-        defense = config.get("model").class_path.rpartition(".")[2].lower()
-        spc, ratio = config.get("data.init_args.spc"), config.get("data.init_args.ratio")
-        budget = f"spc{spc}" if spc is not None else f"ratio{ratio}"
-        return f"{defense}-{budget}-seed{config.get('data.init_args.split_seed')}"
+        return defense_run_name(config.get("model").class_path.rpartition(".")[2].lower(),
+                                config.get("data.init_args.spc"), config.get("data.init_args.split_seed"),
+                                config.get("data.init_args.ratio"))
 
     def leaf(path: str) -> str | None:
         value = config.get(path)
@@ -166,12 +203,11 @@ def run_name(config: Any) -> str:
         return name.rpartition(".")[2].lower()
 
     model_cls = leaf("model")
-    parts = [
+    return attack_run_name(
         leaf("data.init_args.dataset"),
         leaf("data.init_args.trigger") or (model_cls if model_cls not in (None, "victimtraining") else None),
         leaf("model.init_args.backbone"),
-    ]
-    return "-".join(p for p in parts if p) or "run"
+    )
 
 
 def main(args: list[str] | None = None) -> None:

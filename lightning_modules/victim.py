@@ -16,11 +16,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from datamodules.datasets import DataSpec
-from datamodules.record import BACKDOOR_KEY, RECORD_VERSION, read_record
-from lightning_modules.backbones import PreActResNet18, backbone_config, build_backbone
+from core.backbones import PreActResNet18, backbone_config, build_backbone
+from core.optim import Schedule, sgd_with_schedule
+from datamodules.datasets import DataSpec, get_dataset
+from datamodules.record import BACKDOOR_KEY, backdoor_record, read_record
 from lightning_modules.classifier import ImageClassifier
-from lightning_modules.optim import Schedule, sgd_with_schedule
 
 
 class VictimTraining(ImageClassifier):
@@ -30,6 +30,8 @@ class VictimTraining(ImageClassifier):
         schedule: cosine (T_max = max_epochs), constant, or multistep (`milestones`, `gamma`).
         augment: random crop (+ flip where the dataset allows) on training batches.
         channels_last: NHWC memory format (faster convolutions on CPU and on tensor cores).
+        dataset: the registered dataset it classifies (normalisation, augmentation, number of classes); train.py
+            links it from data.init_args.dataset. None, for direct use with a Trainer: the DataModule's.
     """
 
     def __init__(
@@ -44,9 +46,11 @@ class VictimTraining(ImageClassifier):
         gamma: float = 0.1,
         augment: bool = True,
         channels_last: bool = True,
+        dataset: str | None = None,
     ) -> None:
         super().__init__(channels_last=channels_last)
         self.save_hyperparameters()
+        self.dataset = dataset
         # a {class_path, init_args} dict comes from hparams when a notebook calls load_from_checkpoint
         self.backbone_factory = functools.partial(build_backbone, backbone) if isinstance(backbone, dict) else backbone
         self.use_augment = augment
@@ -64,7 +68,21 @@ class VictimTraining(ImageClassifier):
             self.set_net(self.backbone_factory(spec.num_classes))
 
     def setup(self, stage: str) -> None:
-        self.bind_data(self.datamodule_of(self).spec)
+        self.bind_data(get_dataset(self.dataset).spec if self.dataset is not None else self.attack_data.spec)
+
+    @property
+    def attack_data(self) -> Any:
+        """The Trainer's DataModule (a datamodules.BackdoorDataModule). Read where its facts exist only after its
+        `setup`: the checkpoint's backdoor record (poison indices, a fitted trigger's report); everything known at
+        construction is passed in (train.py links it; see lightning_modules/cli.py)."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "spec"):
+            raise RuntimeError(
+                f"{type(self).__name__} needs a DataModule of this project (e.g. datamodules.BackdoorDataModule) "
+                f"passed to the Trainer; plain dataloaders do not say which dataset, trigger or target they hold"
+            )
+        return datamodule
 
     def configure_model(self) -> None:
         if self.spec is not None:
@@ -81,7 +99,7 @@ class VictimTraining(ImageClassifier):
 
     # -- the backdoor record ----------------------------------------------------------------------------
     def attack_record(self) -> dict[str, Any] | None:
-        return self.datamodule_of(self).attack_record()
+        return self.attack_data.attack_record()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hparams = checkpoint.get("hyper_parameters")
@@ -90,12 +108,8 @@ class VictimTraining(ImageClassifier):
                 hparams["backbone"] = self.backbone_spec  # a Python callable would make the file unsafe to load
             # lets `train.py test --ckpt_path` rebuild the model from a checkpoint written outside the CLI
             hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
-        checkpoint[BACKDOOR_KEY] = {
-            "version": RECORD_VERSION,
-            "backbone": self.backbone_spec,
-            "data": self.datamodule_of(self).record(),
-            "attack": self.attack_record(),
-        }
+        checkpoint[BACKDOOR_KEY] = backdoor_record(self.backbone_spec, self.attack_data.record(),
+                                                   self.attack_record())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = read_record(checkpoint)

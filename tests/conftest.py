@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import tempfile
@@ -60,10 +61,23 @@ def write_synthetic_prepared(data_dir: Path, name: str, num_classes: int, size: 
 
 
 @pytest.fixture(scope="session")
-def backdoored_checkpoint(tmp_path_factory) -> dict:
+def digits_dir(tmp_path_factory) -> Path:
+    """A data folder holding digits as prepared files (<dir>/digits/{train,test}.npz), recorded as the data folder of
+    the checkpoints below: every datamodule built on them reads these (0.07 s) instead of rebuilding the set from
+    scikit-learn's copy (0.3 s on 2 CPU cores); the built-in path itself is tested in tests/test_datasets.py."""
+    from datamodules.datasets import Digits, write_npz
+
+    root = tmp_path_factory.mktemp("data")
+    for split in ("train", "test"):
+        write_npz(root / "digits" / f"{split}.npz", *Digits().build(split))
+    return root
+
+
+@pytest.fixture(scope="session")
+def backdoored_checkpoint(tmp_path_factory, digits_dir) -> dict:
     """A tiny backdoored model: SmallCNN (width 16) trained 15 epochs (batch 64) on digits with BadNets
-    (ratio 0.1): test ACC 0.98, ASR 0.97. Trained once per test session (~11 s on 2 CPU cores). Returns the checkpoint path and the test metrics
-    the Trainer measured right after training.
+    (ratio 0.1): test ACC 0.98, ASR 0.97. Trained once per test session (~11 s on 2 CPU cores). Returns the checkpoint
+    path and the test metrics the Trainer measured right after training.
     """
     import lightning as L
 
@@ -74,7 +88,7 @@ def backdoored_checkpoint(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("backdoored")
     L.seed_everything(0, verbose=False)
-    data = BackdoorDataModule("digits", data_dir=str(root), trigger=BadNets(), poison_ratio=0.1,
+    data = BackdoorDataModule("digits", data_dir=str(digits_dir), trigger=BadNets(), poison_ratio=0.1,
                               batch_size=64, cache_dir=None)
     model = VictimTraining(functools.partial(SmallCNN, width=16))
     trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -85,27 +99,28 @@ def backdoored_checkpoint(tmp_path_factory) -> dict:
     path = root / "backdoored.ckpt"
     trainer.save_checkpoint(path)
     merged = {k: v for d in metrics for k, v in d.items()}
-    return {"path": path, "data_dir": root, "metrics": merged, "poison_indices": data.poison_indices.clone()}
+    return {"path": path, "data_dir": digits_dir, "metrics": merged, "poison_indices": data.poison_indices.clone()}
 
 
-def write_backbone_checkpoint(path: Path, backbone: str, seed: int = 0, **init_args) -> Path:
-    """An untrained 'attacked' checkpoint of any registered backbone (digits + BadNets record), for checking
-    that a defense builds and runs on every architecture without training one."""
+def write_backbone_checkpoint(path: Path, backbone: str, seed: int = 0, data_dir: str = "data", **init_args) -> Path:
+    """An untrained 'attacked' checkpoint of a registered backbone at its test width (tests/helpers.py: TEST_WIDTH;
+    the same module names), with a digits + BadNets record: what a defense needs to build and run on it."""
     from datamodules.datasets import Digits
     from datamodules.poisoning import poison_indices
     from datamodules.record import BACKDOOR_KEY, RECORD_VERSION
     from datamodules.triggers import BadNets
     from lightning_modules.backbones import BACKBONES, backbone_config
+    from tests.helpers import TEST_WIDTH
 
-    cls = BACKBONES[backbone]
+    factory = functools.partial(TEST_WIDTH.get(backbone, BACKBONES[backbone]), **init_args)
     torch.manual_seed(seed)
-    net = cls(10, **init_args)
+    net = factory(10)
     labels = torch.from_numpy(Digits().build("train")[1])
     trigger = BadNets()
     record = {
         "version": RECORD_VERSION,
-        "backbone": {**backbone_config(cls), "init_args": init_args},
-        "data": {"dataset": "digits", "data_dir": "data", "spec": Digits.spec.to_dict()},
+        "backbone": backbone_config(factory),
+        "data": {"dataset": "digits", "data_dir": str(data_dir), "spec": Digits.spec.to_dict()},
         "attack": {"name": "BadNets", "trigger": trigger.record(), "target": 0, "mode": "all_to_one",
                    "poison_ratio": 0.1, "poison_seed": 0, "ratio_over_target": False, "clean_label": False,
                    "training_controlled": False, "poison_indices": poison_indices(labels, 0.1, 0)},
@@ -116,9 +131,9 @@ def write_backbone_checkpoint(path: Path, backbone: str, seed: int = 0, **init_a
 
 
 @pytest.fixture(scope="session")
-def backbone_checkpoint(tmp_path_factory):
-    """Factory: backbone_checkpoint("vgg19_bn") -> path of an untrained checkpoint of that backbone, written
-    once per session and argument set (VGG-19-BN takes seconds to build and save); treat it as read-only."""
+def backbone_checkpoint(tmp_path_factory, digits_dir):
+    """Factory: backbone_checkpoint("vgg19_bn") -> path of an untrained checkpoint of that backbone at its test
+    width, written once per session and argument set; treat it as read-only."""
     root = tmp_path_factory.mktemp("backbones")
     written: dict[tuple, Path] = {}
 
@@ -126,7 +141,21 @@ def backbone_checkpoint(tmp_path_factory):
         key = (name, tuple(sorted(init_args.items())))
         if key not in written:
             tag = "-".join(f"{k}{v}" for k, v in key[1])
-            written[key] = write_backbone_checkpoint(root / f"{name}{tag}.ckpt", name, **init_args)
+            written[key] = write_backbone_checkpoint(root / f"{name}{tag}.ckpt", name, data_dir=digits_dir, **init_args)
         return written[key]
 
     return make
+
+
+@pytest.fixture
+def run_defense(tmp_path):
+    """run_defense(NAD, checkpoint, epochs=1, data={"spc": 3}, teacher_epochs=1) -> the fitted defense:
+    tests/helpers.py's `run_defense`, each call in its own folder under tmp_path (or `root=`)."""
+    from tests import helpers
+
+    count = itertools.count()
+
+    def run(defense, checkpoint=None, *, root: Path | None = None, **kwargs):
+        return helpers.run_defense(defense, checkpoint, root or tmp_path / f"run{next(count)}", **kwargs)
+
+    return run

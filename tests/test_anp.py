@@ -1,82 +1,40 @@
-"""ANP: masks stay in [0, 1], the threshold is chosen on D_v only, pruning lives in the weights, the record,
-every backbone, bad settings; and the datamodule's sampling with replacement that ANP's schedule uses."""
+"""ANP: masks stay in [0, 1], the threshold is chosen on D_v only, pruning lives in the weights, the record, bad
+settings; and the datamodule's sampling with replacement that ANP's schedule uses."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import pytest
 import torch
 
 from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
-from lightning_modules.defenses import ANP, Defense, load_defended
+from lightning_modules.defenses import ANP, load_defended
 from lightning_modules.defenses.anp import choose_threshold
 from lightning_modules.defenses.pruning import bn_layers
+from tests.helpers import MaskRange
 
 
-class MaskRange(L.Callback):
-    """(min, max) of all masks after every training step, and which masks had a nonzero gradient."""
-
-    def __init__(self) -> None:
-        self.ranges: list[tuple[float, float]] = []
-        self.moved: list[list[bool]] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        flat = torch.cat([m.detach().flatten() for m in module.neuron_masks])
-        self.ranges.append((float(flat.min()), float(flat.max())))
-        self.moved.append([m.grad is not None and bool(m.grad.abs().sum() > 0) for m in module.neuron_masks])
+def run_anp(run_defense, checkpoint, steps: int, root=None, callbacks=(), data: dict | None = None,
+            **kwargs) -> ANP:
+    """`steps` mask updates on D_m (10 per class, 10% of it held out as D_v), 128 draws per epoch in batches of 64."""
+    data = {"val_fraction": 0.1, "batch_size": 64, "samples_per_epoch": 128, **(data or {})}
+    return run_defense(ANP, checkpoint, root=root, epochs=None, trainer={"max_steps": steps}, data=data,
+                       callbacks=callbacks, **kwargs)
 
 
-def fit(defense: Defense, checkpoint: Path, tmp_path: Path, *, max_steps: int = -1, max_epochs: int = -1,
-        test_images: int | None = 32, replace_tests: bool = False, callbacks=(), **data_args) -> dict:
-    """Run `defense` with a Trainer on the attacked run's D_m; test sets cut to `test_images` (speed) or replaced
-    by random images. Returns the result record."""
-    L.seed_everything(0, verbose=False)
-    data = MitigationDataModule(backdoored=str(checkpoint), **{"spc": 10, **data_args})
-    data.setup("fit")
-    sets = data._sets
-    if replace_tests:
-        gen = torch.Generator().manual_seed(1)
-        for name in ("clean", "backdoor"):
-            x, *labels = sets[name].tensors
-            noise = torch.randint(0, 256, x.shape, dtype=torch.uint8, generator=gen)
-            sets[name] = TensorImages(noise, *(torch.randint(0, 10, y.shape, generator=gen) for y in labels))
-    elif test_images is not None:
-        for name in ("clean", "backdoor"):
-            sets[name] = TensorImages(*(t[:test_images] for t in sets[name].tensors))
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=list(callbacks))
-    trainer.fit(defense, data)
-    return defense.result
-
-
-def anp(checkpoint: Path, tmp_path: Path, **kwargs) -> ANP:
-    return ANP(str(checkpoint), result_file=str(tmp_path / "result.json"), **kwargs)
-
-
-def test_masks_stay_in_unit_interval_after_every_step(backdoored_checkpoint, tmp_path) -> None:
-    watch = MaskRange()
-    defense = anp(backdoored_checkpoint["path"], tmp_path, lr=1.0, threshold=0.5)  # large steps: the clip binds
-    fit(defense, backdoored_checkpoint["path"], tmp_path, max_steps=6, val_fraction=0.1, batch_size=64,
-        samples_per_epoch=128, callbacks=[watch])
+def test_masks_stay_in_unit_interval_after_every_step(backdoored_checkpoint, run_defense) -> None:
+    watch = MaskRange()  # lr 1: large steps, the clip binds
+    run_anp(run_defense, backdoored_checkpoint["path"], 6, callbacks=[watch], lr=1.0, threshold=0.5)
     assert len(watch.ranges) == 6
     assert all(0.0 <= lo and hi <= 1.0 for lo, hi in watch.ranges), watch.ranges
     assert min(lo for lo, _ in watch.ranges) == 0.0  # some mask was pushed below 0 and clipped back
 
 
-def test_threshold_choice_ignores_the_test_sets(backdoored_checkpoint, tmp_path) -> None:
-    ckpt = backdoored_checkpoint["path"]
+def test_threshold_choice_ignores_the_test_sets(backdoored_checkpoint, run_defense) -> None:
     runs = []
-    for replace in (False, True):
-        defense = anp(ckpt, tmp_path / str(replace), lr=0.5)
-        result = fit(defense, ckpt, tmp_path / str(replace), max_steps=8, test_images=None, replace_tests=replace,
-                     val_fraction=0.1, batch_size=64, samples_per_epoch=128)
-        runs.append((result, defense.info(), torch.cat([m.detach() for m in defense.neuron_masks])))
+    for noise in (False, True):
+        defense = run_anp(run_defense, backdoored_checkpoint["path"], 8, data={"n_test": None, "noise": noise}, lr=0.5)
+        runs.append((defense.result, defense.info(), torch.cat([m.detach() for m in defense.neuron_masks])))
     (plain, info, masks), (replaced, info_r, masks_r) = runs
     assert plain["before"]["acc"] > 0.9 and replaced["before"]["acc"] < 0.3  # the test sets really differ
     assert torch.equal(masks, masks_r)
@@ -84,10 +42,9 @@ def test_threshold_choice_ignores_the_test_sets(backdoored_checkpoint, tmp_path)
     assert info["pruned"] == info_r["pruned"]
 
 
-def test_pruned_neurons_are_exactly_zero_after_reload(backdoored_checkpoint, tmp_path) -> None:
+def test_pruned_neurons_are_exactly_zero_after_reload(backdoored_checkpoint, tmp_path, run_defense) -> None:
     ckpt = backdoored_checkpoint["path"]
-    defense = anp(ckpt, tmp_path, lr=0.5, threshold=0.6)
-    fit(defense, ckpt, tmp_path, max_steps=8, val_fraction=0.1, batch_size=64, samples_per_epoch=128)
+    defense = run_anp(run_defense, ckpt, 8, root=tmp_path, lr=0.5, threshold=0.6)
     info = defense.info()
     assert info["threshold"] == 0.6 and info["pruned"] > 0
     reloaded = load_defended(tmp_path / "checkpoints" / "last.ckpt")
@@ -107,11 +64,9 @@ def test_pruned_neurons_are_exactly_zero_after_reload(backdoored_checkpoint, tmp
         assert key in bn_weights or torch.equal(state[key], value), key
 
 
-def test_info_records_masks_threshold_and_curve(backdoored_checkpoint, tmp_path) -> None:
-    ckpt = backdoored_checkpoint["path"]
-    defense = anp(ckpt, tmp_path)
-    result = fit(defense, ckpt, tmp_path, max_steps=2, val_fraction=0.1, batch_size=64, samples_per_epoch=64)
-    info = result["defense_info"]
+def test_info_records_masks_threshold_and_curve(backdoored_checkpoint, run_defense) -> None:
+    defense = run_anp(run_defense, backdoored_checkpoint["path"], 2, data={"samples_per_epoch": 64})
+    info = defense.result["defense_info"]
     curve = info["val_acc_curve"]
     assert [p["threshold"] for p in curve] == [round(0.05 * i, 6) for i in range(19)]
     assert info["val_size"] == 10 and 0.0 <= info["val_acc_unpruned"] <= 1.0
@@ -136,16 +91,6 @@ def test_choose_threshold_rule() -> None:
     assert choose_threshold(0.8, rising[:3], 0.1, symmetric=True) == 0.05
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name: str, backbone_checkpoint, tmp_path) -> None:
-    ckpt = backbone_checkpoint(name)
-    defense = anp(ckpt, tmp_path)
-    fit(defense, ckpt, tmp_path, max_steps=1, test_images=8, spc=1, val_fraction=0.1, batch_size=8,
-        samples_per_epoch=8)
-    info = defense.info()
-    assert len(info["val_acc_curve"]) == 19 and info["mask"]["min"] < 1.0
-
-
 @pytest.mark.parametrize("kwargs", [{"eps": -0.1}, {"noise_steps": 0}, {"alpha": 1.5}, {"lr": -0.01},
                                     {"momentum": 1.0}, {"threshold": 1.2}, {"threshold_max": 1.0},
                                     {"threshold_step": 0.0}, {"max_acc_drop": 0.0}])
@@ -154,10 +99,9 @@ def test_bad_hyperparameters_raise(kwargs: dict) -> None:
         ANP("unused.ckpt", **kwargs)
 
 
-def test_needs_a_validation_split(backdoored_checkpoint, tmp_path) -> None:
-    ckpt = backdoored_checkpoint["path"]
+def test_needs_a_validation_split(backdoored_checkpoint, run_defense) -> None:
     with pytest.raises(ValueError, match="val_fraction"):
-        fit(anp(ckpt, tmp_path), ckpt, tmp_path, max_steps=1, val_fraction=0.0)
+        run_anp(run_defense, backdoored_checkpoint["path"], 1, data={"val_fraction": 0.0})
 
 
 def test_samples_per_epoch_draws_with_replacement(backdoored_checkpoint) -> None:

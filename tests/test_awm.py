@@ -1,36 +1,34 @@
 """AWM: masks stay in [0, 1], the universal perturbation respects its L1 bound and clips to valid pixels, the
-defended model differs from the attacked one only by mask-scaled BN weights, every backbone, bad settings."""
+defended model differs from the attacked one only by mask-scaled BN weights, bad settings."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import AWM, load_defended
 from lightning_modules.defenses.awm import scale_l1
-from tests.test_anp import MaskRange, fit
+from tests.helpers import MaskRange
 
 
-def awm(checkpoint: Path, tmp_path: Path, **kwargs) -> AWM:
-    return AWM(str(checkpoint), result_file=str(tmp_path / "result.json"), **kwargs)
+def run_awm(run_defense, checkpoint, epochs: int | None = 2, batch_size: int = 50, defense: AWM | type = AWM,
+            root=None, callbacks=(), trainer: dict | None = None, **kwargs) -> AWM:
+    """AWM (or a subclass, or a built one) on D_m (10 per class) in batches of `batch_size`, 8 test images."""
+    return run_defense(defense, checkpoint, root=root, epochs=epochs, data={"batch_size": batch_size, "n_test": 8},
+                       callbacks=callbacks, trainer=trainer, **kwargs)
 
 
-def test_masks_stay_in_unit_interval_after_every_step(backdoored_checkpoint, tmp_path) -> None:
-    watch = MaskRange()
-    defense = awm(backdoored_checkpoint["path"], tmp_path, lr=50.0)  # large steps: the clip binds
-    fit(defense, backdoored_checkpoint["path"], tmp_path, max_epochs=2, batch_size=25, callbacks=[watch])
+def test_masks_stay_in_unit_interval_after_every_step(backdoored_checkpoint, run_defense) -> None:
+    watch = MaskRange()  # lr 50: large steps, the clip binds
+    run_awm(run_defense, backdoored_checkpoint["path"], batch_size=25, callbacks=[watch], lr=50.0)
     assert len(watch.ranges) == 8  # 100 images in batches of 25, 2 epochs
     assert all(0.0 <= lo and hi <= 1.0 for lo, hi in watch.ranges), watch.ranges
     assert min(lo for lo, _ in watch.ranges) == 0.0  # some mask was pushed below 0 and clipped back
 
 
-def test_delta_respects_its_l1_bound(backdoored_checkpoint, tmp_path) -> None:
-    defense = awm(backdoored_checkpoint["path"], tmp_path, delta_norm=5.0)
-    fit(defense, backdoored_checkpoint["path"], tmp_path, max_epochs=2, batch_size=50)
+def test_delta_respects_its_l1_bound(backdoored_checkpoint, run_defense) -> None:
+    defense = run_awm(run_defense, backdoored_checkpoint["path"], delta_norm=5.0)
     epochs = defense.info()["epochs"]
     assert len(epochs) == 2
     for e in epochs:  # network-input units: the fitted delta exceeds 5, the scaled one sits on the bound
@@ -58,10 +56,9 @@ def test_perturbed_inputs_are_valid_pixels(backdoored_checkpoint) -> None:
                           defense.normalize(pixels[:1]))
 
 
-def test_only_mask_scaled_bn_weights_change(backdoored_checkpoint, tmp_path) -> None:
+def test_only_mask_scaled_bn_weights_change(backdoored_checkpoint, tmp_path, run_defense) -> None:
     ckpt = backdoored_checkpoint["path"]
-    defense = awm(ckpt, tmp_path, lr=5.0)
-    fit(defense, ckpt, tmp_path, max_epochs=2, batch_size=50)
+    defense = run_awm(run_defense, ckpt, root=tmp_path, lr=5.0)
     masks = {name: m.detach() for name, m in zip(defense.bn_names, defense.neuron_masks)}
     assert min(float(m.min()) for m in masks.values()) < 0.99  # the masks did move
     original = load_attacked(ckpt).net.state_dict()
@@ -74,17 +71,6 @@ def test_only_mask_scaled_bn_weights_change(backdoored_checkpoint, tmp_path) -> 
             assert torch.equal(state[key], expected), key
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name: str, backbone_checkpoint, tmp_path) -> None:
-    ckpt = backbone_checkpoint(name)
-    watch = MaskRange()
-    defense = awm(ckpt, tmp_path)
-    fit(defense, ckpt, tmp_path, max_epochs=1, test_images=8, spc=1, batch_size=8, callbacks=[watch])
-    assert len(defense.info()["epochs"]) == 1 and len(watch.moved) == 2  # 10 images in batches of 8
-    # the masks are in the graph (an untrained net in eval mode may push them all up against the clip at 1)
-    assert any(watch.moved[0]), watch.moved
-
-
 @pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"lr_decay": 1.5}, {"alpha": -0.1}, {"l1_weight": -1.0},
                                     {"delta_lr": 0.0}, {"delta_norm": -5.0}])
 def test_bad_hyperparameters_raise(kwargs: dict) -> None:
@@ -92,7 +78,7 @@ def test_bad_hyperparameters_raise(kwargs: dict) -> None:
         AWM("unused.ckpt", **kwargs)
 
 
-def test_delta_search_ascends_ce_against_own_predictions(backdoored_checkpoint, tmp_path) -> None:
+def test_delta_search_ascends_ce_against_own_predictions(backdoored_checkpoint, run_defense) -> None:
     """The universal perturbation is fitted by ascent: at its L1 bound it raises CE(f(x + delta), f(x)) on D_m far
     above no perturbation and a random perturbation of the same L1 norm (a descent step would lower it)."""
     import torch.nn.functional as F
@@ -107,8 +93,8 @@ def test_delta_search_ascends_ce_against_own_predictions(backdoored_checkpoint, 
             fitted.append(super().fit_delta())
             return fitted[-1]
 
-    defense = Recording(str(path), result_file=str(tmp_path / "result.json"), save_defended=False)
-    fit(defense, path, tmp_path, max_steps=1, batch_size=10, test_images=8)  # 10 ascent steps, one mask step
+    defense = run_awm(run_defense, path, None, batch_size=10, defense=Recording, trainer={"max_steps": 1},
+                      save_defended=False)  # 10 ascent steps, one mask step
     data = MitigationDataModule(spc=10, backdoored=str(path))
     data.setup("fit")
     z = defense.inputs(data.tensors("train")[0])
@@ -122,7 +108,7 @@ def test_delta_search_ascends_ce_against_own_predictions(backdoored_checkpoint, 
     assert searched > clean + 5.0 and searched > 3 * noise, (clean, noise, searched)
 
 
-def test_mask_step_uses_true_labels_on_the_perturbed_images(backbone_checkpoint, tmp_path) -> None:
+def test_mask_step_uses_true_labels_on_the_perturbed_images(backbone_checkpoint, tmp_path, run_defense) -> None:
     """One mask step on all of D_m, no augmentation: m <- clip(m - lr * grad) of alpha CE(x; y) + (1 - alpha)
     CE(clip(x + delta); y) with the true labels y, recomputed by hand. An untrained network predicts other classes
     than y, so labels taken from its predictions would give a different step."""
@@ -133,9 +119,10 @@ def test_mask_step_uses_true_labels_on_the_perturbed_images(backbone_checkpoint,
 
     path = backbone_checkpoint("small_cnn")
     lr, alpha = 100.0, 0.3  # an untrained network's mask gradients are small (~1e-4)
-    defense = awm(path, tmp_path, lr=lr, alpha=alpha, l1_weight=0.0, save_defended=False)
+    defense = AWM(str(path), lr=lr, alpha=alpha, l1_weight=0.0, save_defended=False,
+                  result_file=str(tmp_path / "result.json"))
     defense.augment = torch.nn.Identity()
-    fit(defense, path, tmp_path, max_steps=1, batch_size=100, test_images=8)
+    run_awm(run_defense, path, None, batch_size=100, defense=defense, trainer={"max_steps": 1})
     data = MitigationDataModule(spc=10, backdoored=str(path))
     data.setup("fit")
     x, y = data.tensors("train")

@@ -14,7 +14,7 @@ QUICK = ["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.fast_dev_run",
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"dataset": "mnist"}, r"unknown dataset 'mnist'; choose one of"),
+    ({"dataset": "mnist"}, r"unknown dataset 'mnist'; registered: cifar10, digits"),
     ({"poison_ratio": 1.2}, r"poison_ratio must lie in \[0, 1\]"),
     ({"poison_ratio": -0.01}, r"poison_ratio must lie in \[0, 1\]"),
     ({"target": 10}, r"target must be a class index in 0\.\.9"),
@@ -61,60 +61,60 @@ def test_cli_endless_run_with_a_cosine_schedule(tmp_path) -> None:
         run_cli("fit", *args, cwd=tmp_path)
 
 
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error" in line or "Error" in line]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data.init_args.poison_ratio", "1.5"], "poison_ratio must lie in [0, 1] (a fraction of the training set)"),
     (["--trainer.max_epochs", "-1"], "a cosine schedule needs a finite run"),
 ])
-def test_train_py_says_a_known_error_in_one_line(tmp_path, args, message) -> None:
-    """On the command line a known error is one line plus where the traceback is, not 40-105 lines."""
-    import os
-    import subprocess
-    import sys
+def test_train_py_says_a_known_error_in_one_line(tmp_path, monkeypatch, capfd, args, message) -> None:
+    """On the command line a known error is one line plus where the traceback is, not 40-105 lines (train.py's
+    `main`, in this process: train.py itself runs in test_cli_help_for_a_defense_and_a_quiet_run)."""
+    from lightning_modules.cli import main
 
-    from tests.conftest import REPO
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("BACKDOOR_BENCH_DEBUG", None)
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml"),
-                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr and f"train.py: error: {message}" in proc.stderr, proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if "error" in line or "Error" in line]) == 1, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BACKDOOR_BENCH_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as end:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *args])
+    err = capfd.readouterr().err
+    assert end.value.code == 1
+    assert "Traceback" not in err and f"train.py: error: {message}" in err, err
+    assert len(error_lines(err)) == 1, err
 
 
-def test_prepare_without_the_files_says_what_to_place_where(tmp_path) -> None:
+def test_prepare_without_the_files_says_what_to_place_where(tmp_path, monkeypatch, capfd) -> None:
     """`python -m datamodules.prepare cifar10 --no-download` on an empty folder (what an offline machine meets):
     one line naming the archive, where it comes from and where to put it."""
-    import os
-    import subprocess
-    import sys
+    from datamodules import prepare
 
-    from tests.conftest import REPO
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("BACKDOOR_BENCH_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "datamodules.prepare", "cifar10", "--no-download", "--data_dir",
-                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    monkeypatch.delenv("BACKDOOR_BENCH_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as end:
+        prepare.main(["cifar10", "--no-download", "--data_dir", str(tmp_path)])
+    err = capfd.readouterr().err
+    assert end.value.code == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("datamodules.prepare: error: could not get the original cifar10")
-    assert f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in lines[0]
+    assert "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in lines[0]
     assert f"into {tmp_path / 'cifar10' / 'raw'}" in lines[0]
 
 
-def test_cli_help_for_a_defense_and_a_quiet_run(tmp_path) -> None:
-    """`--model.help FT` lists the defense's arguments; a run prints no advertising tip, no missing-seed warning
-    and no deprecation from inside Lightning."""
+def test_cli_help_for_a_defense_and_a_quiet_run(tmp_path, monkeypatch, capsys) -> None:
+    """`--model.help FT` lists the defense's arguments; train.py run as a script prints no advertising tip, no
+    missing-seed warning and no deprecation from inside Lightning."""
     import os
     import subprocess
     import sys
 
+    from lightning_modules.cli import main
     from tests.conftest import REPO
 
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as end:
+        main(["fit", "--model.help", "FT"])
+    assert end.value.code == 0 and "--model.backdoored" in capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    helped = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--model.help", "FT"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0 and "--model.backdoored" in helped.stdout, helped.stderr
     run = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *QUICK,
                           "--trainer.enable_progress_bar", "false"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

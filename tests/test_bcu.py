@@ -1,44 +1,21 @@
 """BCU: each layer re-initialises the share of its weights it is configured for (BatchNorm untouched), the
-temperature rises to its end value, labels are never read, only D_m decides, bad settings fail, every backbone
-runs."""
+temperature rises to its end value, labels are never read, only D_m decides, bad settings fail."""
 
 from __future__ import annotations
 
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 
-from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import BCU
-from lightning_modules.defenses.bcu import BCU_REINIT, reinit_layers, reinit_weights, temperature
+from lightning_modules.backbones import SmallCNN, VGG19BN, layer_roles
+from lightning_modules.defenses.bcu import reinit_layers, reinit_weights, temperature
 
-
-class SmallTests(MitigationDataModule):
-    """D_m as configured (its labels optionally shuffled), the test sets cut to `n_test` images or random."""
-
-    def __init__(self, *args, n_test: int = 32, random_tests: bool = False, shuffle_labels: bool = False,
-                 **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.n_test, self.random_tests, self.shuffle_labels = n_test, random_tests, shuffle_labels
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        for name in ("clean", "backdoor"):
-            tensors = [t[: self.n_test] for t in self._sets[name].tensors]
-            if self.random_tests:
-                tensors[0] = torch.randint(0, 256, tensors[0].shape, dtype=torch.uint8,
-                                           generator=torch.Generator().manual_seed(1))
-            self._sets[name] = TensorImages(*tensors)
-        if self.shuffle_labels:
-            x, y = self._sets["train"].tensors
-            self._sets["train"] = TensorImages(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(2))])
+SMALL_CNN_REINIT = dict(layer_roles(SmallCNN).reinit)
 
 
 class Spy(BCU):
@@ -46,17 +23,11 @@ class Spy(BCU):
 
     def on_train_start(self) -> None:
         self.student_start = {k: v.clone() for k, v in self.net.state_dict().items()}
-        self.teacher_start = {k: v.clone() for k, v in self._work["teacher"].state_dict().items()}
+        self.teacher_start = {k: v.clone() for k, v in self.references["teacher"].state_dict().items()}
 
 
-def run_bcu(path, tmp_path, epochs: int = 2, spc: int = 3, n_test: int = 32, data: dict | None = None,
-            **kwargs) -> Spy:
-    L.seed_everything(0, verbose=False)
-    model = Spy(str(path), result_file=str(tmp_path / "result.json"), save_defended=False, **kwargs)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, SmallTests(spc=spc, backdoored=str(path), n_test=n_test, batch_size=16, **(data or {})))
-    return model
+def run_bcu(run_defense, path, epochs: int = 2, data: dict | None = None, **kwargs) -> Spy:
+    return run_defense(Spy, path, epochs=epochs, data={"spc": 3, **(data or {})}, save_defended=False, **kwargs)
 
 
 def test_reinit_fraction_per_layer_on_big_layers() -> None:
@@ -87,11 +58,11 @@ def test_reinit_fraction_per_layer_on_big_layers() -> None:
         assert torch.equal(twin.state_dict()[key], value), key
 
 
-def test_student_is_the_reinitialised_backdoored_model(backdoored_checkpoint, tmp_path) -> None:
+def test_student_is_the_reinitialised_backdoored_model(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
     original = load_attacked(path).net.state_dict()
-    reinit = {"SmallCNN": {**BCU_REINIT["SmallCNN"], "features.0": 0.0, "linear": 1.0}}
-    model = run_bcu(path, tmp_path, reinit=reinit)
+    reinit = {"SmallCNN": {**SMALL_CNN_REINIT, "features.0": 0.0, "linear": 1.0}}
+    model = run_bcu(run_defense, path, reinit=reinit)
     start, info = model.student_start, model.info()
     norms = [n for n, m in model.net.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 5
@@ -113,46 +84,36 @@ def test_temperature_schedule() -> None:
     assert all(b - a == pytest.approx(0.3) for a, b in zip(steps, steps[1:]))
 
 
-def test_temperature_per_epoch_in_a_run(backdoored_checkpoint, tmp_path) -> None:
-    model = run_bcu(backdoored_checkpoint["path"], tmp_path, epochs=3)
+def test_temperature_per_epoch_in_a_run(backdoored_checkpoint, run_defense) -> None:
+    model = run_bcu(run_defense, backdoored_checkpoint["path"], epochs=3)
     assert [e["temperature"] for e in model.info()["epochs"]] == pytest.approx([2.0, 3.0, 4.0])
     assert all(e["kl"] >= 0 for e in model.info()["epochs"])
 
 
-def test_labels_are_never_used(backdoored_checkpoint, tmp_path) -> None:
+def test_labels_are_never_used(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
-    a = run_bcu(path, tmp_path / "a")
-    b = run_bcu(path, tmp_path / "b", data={"shuffle_labels": True})
+    a = run_bcu(run_defense, path)
+    b = run_bcu(run_defense, path, data={"shuffle_labels": True})
     assert not torch.equal(a.mitigation_data("train")[1], b.mitigation_data("train")[1])
     for key, value in a.net.state_dict().items():
         assert torch.equal(value, b.net.state_dict()[key]), key
 
 
-def test_only_dm_decides(backdoored_checkpoint, tmp_path) -> None:
+def test_only_dm_decides(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
-    a = run_bcu(path, tmp_path / "a")
-    b = run_bcu(path, tmp_path / "b", data={"random_tests": True})
+    a = run_bcu(run_defense, path)
+    b = run_bcu(run_defense, path, data={"noise": True})
     for key, value in a.net.state_dict().items():
         assert torch.equal(value, b.net.state_dict()[key]), key
     assert a.result["before"]["acc"] != b.result["before"]["acc"]  # the test sets did differ
 
 
 @pytest.mark.parametrize("bad", [{"lr": -0.01}, {"temperature_start": 0.0}, {"temperature_end": -1.0},
-                                 {"momentum": 1.0}, {"reinit": {"VGG19BN": BCU_REINIT["VGG19BN"]}},
-                                 {"reinit": {"SmallCNN": {**BCU_REINIT["SmallCNN"], "linear": 1.5}}},
-                                 {"reinit": {"SmallCNN": {k: v for k, v in BCU_REINIT["SmallCNN"].items()
+                                 {"momentum": 1.0}, {"reinit": {"VGG19BN": dict(layer_roles(VGG19BN).reinit)}},
+                                 {"reinit": {"SmallCNN": {**SMALL_CNN_REINIT, "linear": 1.5}}},
+                                 {"reinit": {"SmallCNN": {k: v for k, v in SMALL_CNN_REINIT.items()
                                                           if k != "linear"}}},
-                                 {"reinit": {"SmallCNN": {**BCU_REINIT["SmallCNN"], "no.such": 0.1}}}])
+                                 {"reinit": {"SmallCNN": {**SMALL_CNN_REINIT, "no.such": 0.1}}}])
 def test_bad_settings(backdoored_checkpoint, bad) -> None:
     with pytest.raises(ValueError, match="BCU|SmallCNN"):
         BCU(str(backdoored_checkpoint["path"]), **bad)
-
-
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
-    model = run_bcu(backbone_checkpoint(name), tmp_path, epochs=1, spc=1, n_test=8)
-    info = model.info()
-    convs = [n for n, m in model.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert sorted(info["reinit"]) == sorted(convs) == sorted(info["reinit_fraction"])
-    assert len(info["epochs"]) == 1 and math.isfinite(info["epochs"][0]["kl"])
-    assert 0 <= model.result["after"]["acc"] <= 1

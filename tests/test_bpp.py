@@ -13,7 +13,7 @@ import torch
 from datamodules import BackdoorDataModule
 from datamodules.datasets import Digits
 from datamodules.triggers import build_trigger
-from datamodules.triggers.bpp import BPP as SqueezeTrigger
+from datamodules.triggers.bpp import BPPTrigger as SqueezeTrigger
 from datamodules.triggers.bpp import floyd_steinberg
 from lightning_modules.attacks import ATTACKS
 from lightning_modules.attacks.bpp import BPP
@@ -145,7 +145,8 @@ def test_trains_a_backdoor_on_digits(tmp_path) -> None:
     close to the last few, identically augmented, batches), so the clean bound asserted here only rules out a chance-level (0.1)
     model; the backdoor bound is the real check. Longer runs: the header of lightning_modules/attacks/bpp.py."""
     L.seed_everything(0, verbose=False)
-    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=0.1, batch_size=64, cache_dir=None)
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=0.1, batch_size=64, cache_dir=None,
+                              serve_untriggered_backdoor_set=True)
     model = BPP(functools.partial(SmallCNN, width=16))
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

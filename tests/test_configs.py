@@ -1,4 +1,5 @@
-"""Every YAML under configs/ instantiates and runs a tiny CPU fast_dev_run through train.py's CLI.
+"""Every YAML under configs/ instantiates and runs a tiny CPU fast_dev_run through train.py's CLI (the defense
+configs themselves end to end in tests/test_defenses.py, their dataset and profile overlays here).
 
 A config of a group that has no rule here fails the test: add its composition below.
 """
@@ -15,11 +16,19 @@ import pytest
 import torch
 
 from datamodules.datasets import DATASETS
+from lightning_modules.defenses import DEFENSES
 from tests.conftest import CONFIGS, REPO, run_cli, write_synthetic_prepared
-from tests.helpers import wandb_records
+from tests.helpers import QUIET, wandb_records
 
 NOT_CLI = {"grids", "sweeps"}  # grid files, checked by tests/test_grid.py
-ALL = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in NOT_CLI)
+
+
+def checked_elsewhere(rel: Path) -> bool:
+    """Grid files, and configs/defense/<name>.yaml: tests/test_defenses.py runs each of those through train.py."""
+    return rel.parts[0] in NOT_CLI or (rel.parts[0] == "defense" and len(rel.parts) == 2)
+
+
+ALL = sorted(rel for rel in (p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")) if not checked_elsewhere(rel))
 TINY = ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
         "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "32"]
 # digits' class 0 holds 142 of 1,438 training images: SIG's 0.1 of the whole set is infeasible there
@@ -74,10 +83,9 @@ def data_dir_for(rel: Path, tmp_path: Path, request) -> list[str]:
 @pytest.mark.parametrize("rel", ALL, ids=[str(p) for p in ALL])
 def test_config_runs(rel: Path, tmp_path: Path, request) -> None:
     if rel.parts[0] == "defense":
-        from tests.test_defenses import FAST, QUIET
-
         checkpoint = request.getfixturevalue("backdoored_checkpoint")["path"]
-        args = ["fit", *composition(rel), "--model.backdoored", str(checkpoint), *FAST[rel.stem], *QUIET]
+        args = ["fit", *composition(rel), "--model.backdoored", str(checkpoint), *DEFENSES[rel.stem].smoke_args,
+                *QUIET]
         assert run_cli(*args, cwd=tmp_path).trainer.state.finished
         return
     if rel == Path("trainer/gpu.yaml") and not torch.cuda.is_available():
@@ -128,3 +136,20 @@ def test_wandb_alone_still_gives_each_run_its_folder(tmp_path: Path) -> None:
     assert log_dir == tmp_path / "runs" / "digits-badnets-smallcnn" / "version_0"
     assert (log_dir / "config.yaml").is_file() and (log_dir / "checkpoints" / "last.ckpt").is_file()
     assert not any((tmp_path / "runs" / name).exists() for name in ("config.yaml", "gallery.png", "checkpoints"))
+
+
+def test_links_pass_values_between_model_and_data(backdoored_checkpoint) -> None:
+    """What the model and the DataModule need of each other, train.py passes at construction
+    (BackdoorCLI.add_arguments_to_parser); a link acts only where both classes have the parameter."""
+    from lightning_modules.cli import BackdoorCLI
+
+    quiet = ["--trainer.accelerator", "cpu", "--trainer.logger", "false"]
+    attack = BackdoorCLI(args=[*composition(Path("attack/wanet.yaml")), "--data.init_args.target", "3", *quiet],
+                         run=False)
+    model, data = attack.model, attack.datamodule
+    assert (model.dataset, model.poison_ratio, model.target, model.mode) == ("digits", 0.1, 3, "all_to_one")
+    assert data.victim_backbone == model.backbone_spec and data.serve_untriggered_backdoor_set
+    checkpoint = str(backdoored_checkpoint["path"])
+    defense = BackdoorCLI(args=[*composition(Path("defense/ft.yaml")), "--model.backdoored", checkpoint, *quiet],
+                          run=False)
+    assert defense.datamodule.backdoored == checkpoint

@@ -1,64 +1,32 @@
 """FP: the stop rule on D_v (and only D_v: the choice is the same when the test sets are replaced), pruned
-columns that stay exactly zero through fine-tuning and reloading, bad settings, and every backbone."""
+columns that stay exactly zero through fine-tuning and reloading, bad settings."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
 import pytest
 import torch
 
-from datamodules.loader import TensorImages
-from datamodules.mitigation import MitigationDataModule
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
-from lightning_modules.defenses import FP, Defense, load_defended
+from lightning_modules.defenses import FP, load_defended
 from lightning_modules.defenses.hooks import capture
+from tests.helpers import SmallTestSets
 
 LAYERS = {"PreActResNet18": "linear", "VGG19BN": "classifier.0", "EfficientNetB3": "classifier.1",
           "MobileNetV3Large": "classifier.0", "SmallCNN": "linear"}
-WIDTHS = {"preact_resnet18": 512, "vgg19_bn": 25088, "efficientnet_b3": 1536, "mobilenet_v3_large": 960,
-          "small_cnn": 128}
 
 
-def fit(defense: Defense, data: MitigationDataModule, root: Path, **trainer_args) -> L.Trainer:
-    args = dict(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                default_root_dir=root) | trainer_args
-    trainer = L.Trainer(**args)
-    trainer.fit(defense, data)
-    return trainer
+def data(split_seed: int = 2, val_fraction: float = 0.1, **kwargs) -> dict:
+    """SmallTestSets arguments: D_m of 10 per class, 10% of it D_v, the test sets cut to 32 images."""
+    return {"split_seed": split_seed, "val_fraction": val_fraction, "batch_size": 256, **kwargs}
 
 
-class SwappedTestSets(MitigationDataModule):
-    """D_m and D_v as usual, but the benchmark's test sets replaced by random images and labels."""
-
-    def setup(self, stage: str | None = None) -> None:
-        fresh = not self._sets
-        super().setup(stage)
-        if fresh:
-            gen = torch.Generator().manual_seed(1)
-            for name in ("clean", "backdoor"):
-                tensors = self._sets[name].tensors
-                x = torch.randint(0, 256, tensors[0].shape, generator=gen, dtype=torch.uint8)
-                labels = [torch.randint(0, 10, (len(x),), generator=gen) for _ in tensors[1:]]
-                self._sets[name] = TensorImages(x, *labels)
-
-
-def data(cls=MitigationDataModule) -> MitigationDataModule:
-    return cls(spc=10, split_seed=2, val_fraction=0.1)
-
-
-def test_stop_rule_on_dv_and_independent_of_test_sets(backdoored_checkpoint, tmp_path) -> None:
+def test_stop_rule_on_dv_and_independent_of_test_sets(backdoored_checkpoint, run_defense) -> None:
     path = str(backdoored_checkpoint["path"])
     original = load_attacked(path).net.linear.weight
     infos = []
-    for i, cls in enumerate((MitigationDataModule, SwappedTestSets)):
-        torch.manual_seed(0)  # the augmentation of the ranking pass
-        defense = FP(path, LAYERS, result_file=str(tmp_path / f"r{i}.json"), save_defended=False)
-        dm = data(cls)
-        fit(defense, dm, tmp_path / str(i))  # max_epochs 0: pruning only
+    for noise in (False, True):  # max_epochs 0: pruning only
+        dm = SmallTestSets(backdoored=path, **data(noise=noise))
+        defense = run_defense(FP, path, epochs=0, data=dm, layers=LAYERS, save_defended=False)
         infos.append(defense.info())
     assert infos[0] == infos[1]  # the test sets (noise in the second run) play no part in the choice
 
@@ -84,38 +52,35 @@ def test_stop_rule_on_dv_and_independent_of_test_sets(backdoored_checkpoint, tmp
     assert mean[pruned].mean() < mean[~defense.pruned].mean()
 
 
-def test_choice_changes_with_dv(backdoored_checkpoint, tmp_path) -> None:
+def test_choice_changes_with_dv(backdoored_checkpoint, run_defense) -> None:
     """The stop depends on D_v: another split seed (another D_v) moves it, so the test above can fail."""
-    path = str(backdoored_checkpoint["path"])
     chosen = set()
     for seed in range(4):
-        torch.manual_seed(0)
-        defense = FP(path, LAYERS, result_file=str(tmp_path / f"r{seed}.json"), save_defended=False)
-        fit(defense, MitigationDataModule(spc=10, split_seed=seed, val_fraction=0.1), tmp_path / str(seed))
+        defense = run_defense(FP, backdoored_checkpoint["path"], epochs=0, data=data(seed), layers=LAYERS,
+                              save_defended=False)
         chosen.add(defense.info()["pruned"])
     assert len(chosen) > 1
 
 
 @pytest.mark.parametrize("symmetric, pruned", [(False, 3), (True, 1)])
-def test_symmetric_stop_as_the_fork(symmetric, pruned, backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+def test_symmetric_stop_as_the_fork(symmetric, pruned, backdoored_checkpoint, run_defense, monkeypatch) -> None:
     """The fork also stops on an accuracy *rise* of 10% or more (|change| / acc0 >= 0.1); by default only a drop
     stops FP. D_v accuracies (stand-ins): 0.8 unpruned, 0.8, 0.9 (+12.5%), 0.85, 0.6 (-25%) for 1, 2, 3, 4 features."""
     curve = iter([0.8, 0.8, 0.9, 0.85, 0.6, 0.6])
     monkeypatch.setattr(FP, "tail_evaluator", lambda self, *a: lambda keep: next(curve))
-    defense = FP(str(backdoored_checkpoint["path"]), LAYERS, symmetric_drop=symmetric, save_defended=False,
-                 result_file=str(tmp_path / "r.json"))
-    fit(defense, data(), tmp_path)
+    defense = run_defense(FP, backdoored_checkpoint["path"], epochs=0, data=data(), layers=LAYERS,
+                          symmetric_drop=symmetric, save_defended=False)
     info = defense.info()
     assert info["pruned"] == pruned and info["first_failing_step_pruned"] == pruned + 1
     assert info["stop_rule"] == ("change either way" if symmetric else "drop")
 
 
-def test_mask_survives_finetuning_and_reload(backdoored_checkpoint, tmp_path) -> None:
+def test_mask_survives_finetuning_and_reload(backdoored_checkpoint, tmp_path, run_defense) -> None:
     path = str(backdoored_checkpoint["path"])
     original = load_attacked(path).net.linear.weight
-    torch.manual_seed(0)
-    defense = FP(path, LAYERS, result_file=str(tmp_path / "r.json"))
-    trainer = fit(defense, data(), tmp_path, max_epochs=3, limit_val_batches=0)
+    defense = run_defense(FP, path, root=tmp_path, epochs=3, data=data(), trainer={"limit_val_batches": 0},
+                          layers=LAYERS)
+    trainer = defense.trainer
     mask, weight = defense.pruned.clone(), defense.net.linear.weight.detach()
     assert mask.any() and defense.info()["pruned_columns_zero"]
     assert (weight[:, mask] == 0).all()  # despite weight decay and momentum
@@ -132,12 +97,12 @@ def test_mask_survives_finetuning_and_reload(backdoored_checkpoint, tmp_path) ->
         torch.testing.assert_close(defended(x), defended.classify(x, plain))
 
 
-def test_bad_settings(backdoored_checkpoint, tmp_path) -> None:
+def test_bad_settings(backdoored_checkpoint, run_defense) -> None:
     path = str(backdoored_checkpoint["path"])
     for kwargs, message in (
         ({"prune_step": 0.0}, "prune_step"), ({"prune_step": 1.5}, "prune_step"),
         ({"max_acc_drop": 0.0}, "max_acc_drop"), ({"max_acc_drop": 1.0}, "max_acc_drop"),
-        ({"lr": -0.01}, "lr must be"), ({"momentum": 1.0}, "momentum"), ({"weight_decay": -1.0}, "weight_decay"),
+        ({"lr": -0.01}, "lr=-0.01"), ({"momentum": 1.0}, "momentum"), ({"weight_decay": -1.0}, "weight_decay"),
         ({"layers": {"VGG19BN": "classifier.0"}}, "no FP layer .* configured for backbone SmallCNN"),
         ({"layers": {"SmallCNN": "features.0"}}, "must be an nn.Linear, found a Conv2d"),
         ({"layers": {"SmallCNN": "head"}}, "must be an nn.Linear, found no such module"),
@@ -145,31 +110,16 @@ def test_bad_settings(backdoored_checkpoint, tmp_path) -> None:
         with pytest.raises(ValueError, match=message):
             FP(path, **({"layers": LAYERS} | kwargs))
     with pytest.raises(ValueError, match="set data.val_fraction > 0"):
-        fit(FP(path, LAYERS, save_defended=False, result_file=str(tmp_path / "r.json")),
-            MitigationDataModule(spc=10), tmp_path)
+        run_defense(FP, path, epochs=0, data=data(val_fraction=0.0), layers=LAYERS, save_defended=False)
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone(name: str, backbone_checkpoint, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(Defense, "measure", lambda self: {"acc": 1.0, "asr": 1.0, "ra": 0.0})  # not under test
-    # prune_step 0.25: at most 4 pruning steps (the untrained nets' D_v accuracy is near chance anyway)
-    defense = FP(str(backbone_checkpoint(name)), LAYERS, prune_step=0.25, save_defended=False,
-                 result_file=str(tmp_path / "r.json"))
-    fit(defense, MitigationDataModule(spc=2, split_seed=0, val_fraction=0.1), tmp_path,
-        max_steps=1, limit_val_batches=0)
-    info = defense.info()
-    assert info["features"] == WIDTHS[name] and info["per_step"] == -(-WIDTHS[name] // 4) and info["tail_evaluation"]
-    assert info["pruned_columns_zero"] and info["pruned"] == int(defense.pruned.sum())
-
-
-def test_pruning_lowers_asr_on_the_planted_backdoor(backdoored_checkpoint, tmp_path) -> None:
+def test_pruning_lowers_asr_on_the_planted_backdoor(backdoored_checkpoint, run_defense) -> None:
     """The pruning family works on the fixture: FP's pruning alone (no fine-tuning) takes ASR from 0.97 to 0.14 at a
     clean accuracy of 0.93. SPC 20 with a 20% D_v (4 images per class): with the 1-image-per-class D_v of SPC 10 one
     flipped image already stops the pruning, and the result swings with the split (ASR 0.05..0.57 over split seeds
     0..3; 0.14..0.33 here)."""
-    path = str(backdoored_checkpoint["path"])
-    defense = FP(path, LAYERS, result_file=str(tmp_path / "r.json"), save_defended=False)
-    fit(defense, MitigationDataModule(spc=20, val_fraction=0.2, split_seed=0), tmp_path)
+    defense = run_defense(FP, backdoored_checkpoint["path"], epochs=0, layers=LAYERS, save_defended=False,
+                          data=data(0, 0.2, spc=20, n_test=None))
     result = defense.result
     assert result["before"]["asr"] > 0.9 and defense.info()["pruned"] > 0
     assert result["after"]["asr"] < 0.5 and result["after"]["acc"] > 0.85, result["after"]

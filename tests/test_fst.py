@@ -1,19 +1,15 @@
 """FST: the classifier is re-initialised, keeps its original norm after every step and is pushed away from the
-original weights by the inner-product term; the result depends on D_m only; bad settings fail clearly; it runs on
-every registered backbone."""
+original weights by the inner-product term; the result depends on D_m only; bad settings fail clearly."""
 
 from __future__ import annotations
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import FST
-from lightning_modules.defenses.fst import CLASSIFIER_LAYERS, norm64
-from tests.helpers import SmallTestSets as SmallTests
+from lightning_modules.defenses.fst import norm64
 
 
 class StepNorms(L.Callback):
@@ -26,23 +22,18 @@ class StepNorms(L.Callback):
         self.norms.append([float(norm64(layer.weight.detach())) for layer in module.classifier()])
 
 
-def run_fst(path, tmp_path, epochs: int = 2, spc: int = 10, batch_size: int = 16, n_test: int = 32,
-            noise: bool = False, callbacks=(), **kwargs) -> FST:
-    L.seed_everything(0, verbose=False)
-    model = FST(str(path), result_file=str(tmp_path / "result.json"), save_defended=False, **kwargs)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=list(callbacks))
-    trainer.fit(model, SmallTests(spc=spc, backdoored=str(path), n_test=n_test, noise=noise, batch_size=batch_size))
-    return model
+def run_fst(run_defense, path, epochs: int = 2, n_test: int | None = 32, noise: bool = False, callbacks=(),
+            **kwargs) -> FST:
+    return run_defense(FST, path, epochs=epochs, data={"n_test": n_test, "noise": noise}, callbacks=callbacks,
+                       save_defended=False, **kwargs)
 
 
-def test_norm_kept_after_every_step_and_classifier_reinitialised(backdoored_checkpoint, tmp_path) -> None:
+def test_norm_kept_after_every_step_and_classifier_reinitialised(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
     original = load_attacked(str(path)).net.linear
     norm = float(norm64(original.weight.detach()))
     steps = StepNorms()
-    model = run_fst(path, tmp_path, callbacks=[steps])
+    model = run_fst(run_defense, path, callbacks=[steps])
     assert len(steps.norms) == 2 * 7  # 100 images in batches of 16, two epochs
     for norms in steps.norms:
         assert norms == pytest.approx([norm], rel=1e-5)
@@ -57,25 +48,25 @@ def test_norm_kept_after_every_step_and_classifier_reinitialised(backdoored_chec
     assert not torch.equal(model.net.features[0].weight, load_attacked(str(path)).net.features[0].weight)
 
 
-def test_reinit_happens_after_the_before_measurement(backdoored_checkpoint, tmp_path) -> None:
+def test_reinit_happens_after_the_before_measurement(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
-    model = run_fst(path, tmp_path, epochs=0, n_test=10_000)
+    model = run_fst(run_defense, path, epochs=0, n_test=None)
     assert model.result["before"]["acc"] == pytest.approx(backdoored_checkpoint["metrics"]["test/acc"], abs=1e-6)
     assert not torch.equal(model.net.linear.weight, load_attacked(str(path)).net.linear.weight)
 
 
-def test_inner_product_term_pushes_omega_away(backdoored_checkpoint, tmp_path) -> None:
+def test_inner_product_term_pushes_omega_away(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
-    cosine = {alpha: run_fst(path, tmp_path / str(alpha), alpha=alpha).info()["cosine_to_original"][0]
+    cosine = {alpha: run_fst(run_defense, path, alpha=alpha).info()["cosine_to_original"][0]
               for alpha in (0.0, 5.0)}
     assert cosine[5.0] < -0.3 and cosine[5.0] < cosine[0.0] - 0.3
 
 
-def test_depends_on_dm_only(backdoored_checkpoint, tmp_path) -> None:
+def test_depends_on_dm_only(backdoored_checkpoint, run_defense) -> None:
     """The defended weights are the same when the benchmark's test sets are replaced by noise."""
     path = backdoored_checkpoint["path"]
-    plain = run_fst(path, tmp_path / "a", n_test=10_000)
-    swapped = run_fst(path, tmp_path / "b", n_test=10_000, noise=True)
+    plain = run_fst(run_defense, path, n_test=None)
+    swapped = run_fst(run_defense, path, n_test=None, noise=True)
     assert plain.result["before"]["acc"] > 0.9 and swapped.result["before"]["acc"] < 0.3  # the test sets differ
     for (key, a), b in zip(plain.net.state_dict().items(), swapped.net.state_dict().values()):
         assert torch.equal(a, b), key
@@ -90,17 +81,3 @@ def test_depends_on_dm_only(backdoored_checkpoint, tmp_path) -> None:
 def test_bad_settings(backdoored_checkpoint, bad) -> None:
     with pytest.raises(ValueError, match="FST|SmallCNN"):
         FST(str(backdoored_checkpoint["path"]), **bad)
-
-
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
-    path = backbone_checkpoint(name)
-    original = load_attacked(str(path)).net
-    model = run_fst(path, tmp_path, epochs=1, spc=1, n_test=8, batch_size=256)
-    assert model.info()["layers"] == CLASSIFIER_LAYERS[type(model.net).__name__]
-    modules = dict(original.named_modules())
-    for layer_name, layer, norm in zip(model.layer_names, model.classifier(), model.info()["original_norms"]):
-        assert float(norm64(layer.weight.detach())) == pytest.approx(norm, rel=1e-5)
-        assert norm == pytest.approx(float(norm64(modules[layer_name].weight.detach())))
-        assert F.cosine_similarity(layer.weight.flatten(), modules[layer_name].weight.flatten(), dim=0) < 0.5
-    assert 0 <= model.result["after"]["acc"] <= 1

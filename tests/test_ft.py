@@ -11,7 +11,7 @@ import torch
 
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import FT
-from tests.helpers import SmallTestSets, assert_ignores_test_sets, fit_defense
+from tests.helpers import assert_ignores_test_sets
 
 
 class EpochLR(L.Callback):
@@ -25,12 +25,10 @@ class EpochLR(L.Callback):
         self.lrs.append(groups[0]["lr"] if groups else math.nan)
 
 
-def test_weights_move_and_lr_follows_a_cosine_over_max_epochs(backdoored_checkpoint, tmp_path) -> None:
+def test_weights_move_and_lr_follows_a_cosine_over_max_epochs(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
     watch = EpochLR()
-    model = FT(str(path), result_file=str(tmp_path / "result.json"), save_defended=False)
-    fit_defense(model, SmallTestSets(spc=10, backdoored=str(path), batch_size=16), tmp_path, max_epochs=3,
-                callbacks=[watch])
+    model = run_defense(FT, path, epochs=3, callbacks=[watch], save_defended=False)
     # all weights train: every parameter tensor moved, by more than rounding
     original = load_attacked(str(path)).net.state_dict()
     for name, p in model.net.named_parameters():
@@ -49,6 +47,6 @@ def test_defended_weights_ignore_the_test_sets(backdoored_checkpoint, tmp_path) 
     def make(root):
         return FT(str(path), result_file=str(root / "result.json"), save_defended=False)
 
-    plain, _ = assert_ignores_test_sets(make, path, tmp_path, spc=10, batch_size=32, trainer={"max_epochs": 2})
+    plain, _ = assert_ignores_test_sets(make, path, tmp_path, epochs=2, batch_size=32)
     original = load_attacked(str(path)).net.state_dict()
     assert any(not torch.equal(v, original[k]) for k, v in plain.net.state_dict().items())  # it did train

@@ -21,7 +21,8 @@ from lightning_modules.backbones import SmallCNN
 
 def fit_one_step(tmp_path, model, trigger=None) -> tuple[Gallery, L.Trainer]:
     gallery = Gallery(num_images=4, scale=2)
-    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, batch_size=32, cache_dir=None)
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, batch_size=32, cache_dir=None,
+                              serve_untriggered_backdoor_set=isinstance(model, WaNet))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), callbacks=[gallery],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)

@@ -22,7 +22,7 @@ import experiments.grid
 from experiments.grid import Grid, identity
 from experiments.sweeps import sweep_configs, write_sweeps
 from tests.conftest import CONFIGS, REPO
-from tests.helpers import wandb_records
+from tests.helpers import wandb_records, write_grid
 
 SURVEY_DEFENSES = ["fp", "bnp", "clp", "anp", "awm", "rnp", "mmbd", "npd",
                    "ft", "fst", "ftsam", "nad", "nc", "pbe", "ibau", "sau"]
@@ -65,26 +65,6 @@ def test_quickstart_grid_counts() -> None:
     assert len(defenses) == 42
     by_defense = {d: sum(r.defense == d for r in defenses) for d in ("ft", "fp", "bnp", "clp", "nad", "ftsam")}
     assert by_defense == {"ft": 8, "fp": 8, "bnp": 8, "clp": 2, "nad": 8, "ftsam": 8}
-
-
-def write_grid(tmp_path: Path, **overrides) -> Path:
-    spec = {
-        "name": "tiny", "runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"),
-        "attacks": {"datasets": ["digits"], "attacks": ["badnets"], "backbones": ["small_cnn"],
-                    "poison_ratios": [0.1], "seeds": [0],
-                    "args": ["--trainer.max_epochs", "3", "--model.init_args.backbone.init_args.width", "8",
-                             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-                             "--data.init_args.cache_dir", "null"]},
-        "defenses": {"defenses": ["ft", "clp"], "spc": [2], "split_seeds": [0, 1, 2], "once_per_model": ["clp"],
-                     "args": ["--trainer.enable_model_summary", "false"],
-                     # CLP at u = 1 (3 in the paper) zeroes a few neurons even of this barely trained model
-                     "per_defense_args": {"ft": ["--trainer.max_epochs", "3"], "clp": ["--model.init_args.u", "1"]}},
-        "exclude": [],
-    }
-    spec.update(overrides)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def test_exclusions_and_once_per_model(tmp_path) -> None:
@@ -319,7 +299,7 @@ def test_kill_and_resume(finished_grid) -> None:
 
     runs = finished_grid["runs"]
     table = collect(runs)
-    assert sorted(zip(table["defense"], table["split_seed"])) == [("clp", 0), ("ft", 0), ("ft", 1), ("ft", 2)], \
+    assert sorted(zip(table["defense"], table["split_seed"])) == [("CLP", 0), ("FT", 0), ("FT", 1), ("FT", 2)], \
         "every run exactly once"
     for path in runs.glob("defenses/*/*/result.json"):
         json.loads(path.read_text())  # no corrupt record
@@ -374,7 +354,7 @@ def test_real_quickstart_grid_and_its_report(tmp_path) -> None:
     assert proc.returncode == 0, output
     assert len(defense_records(tmp_path / "runs")) == 42
     check_report(tmp_path / "runs", tmp_path)
-    assert "### badnets" in (tmp_path / "runs" / "report" / "report.md").read_text()  # a table per attack
+    assert "### BadNets" in (tmp_path / "runs" / "report" / "report.md").read_text()  # a table per attack
     check_test_leaves_files_alone(tmp_path / "runs", tmp_path)  # the README's test command on its runs
 
 
@@ -394,7 +374,7 @@ def check_report(runs: Path, cwd: Path) -> None:
         assert row["asr_after"] == pytest.approx(record["after"]["asr"])
         assert row["rdr"] == pytest.approx(record["rdr"])
     summary = (out / "report.md").read_text()
-    for method, group in table.groupby("method"):  # the summary row of each defense: runs, median ASR
+    for method, group in table.groupby("defense"):  # the summary row of each defense: runs, median ASR
         row = rf"\|\s*{method}\s*\|\s*{len(group)}\s*\|\s*{group['asr_after'].median():.3f}\s*\|"
         assert re.search(row, summary), (row, summary)
     attacks = pd.read_csv(out / "attacks.csv").set_index("attack_key")
@@ -469,7 +449,8 @@ FIELDS = {"dataset": "digits", "attack": "badnets", "backbone": "small_cnn", "po
 def fake_attack(grid_dir: Path, key: str, asr: float, **fields) -> None:
     run = grid_dir / "attacks" / key
     run.mkdir(parents=True)
-    (run / "attack.json").write_text(json.dumps({"key": key, "fields": {**FIELDS, **fields}, "seconds": 12.5,
+    (run / "attack.json").write_text(json.dumps({"schema_version": 2, "key": key, **FIELDS, **fields, "seconds": 12.5,
+                                                 "trigger": None, "epochs": 15,
                                                  "metrics": {"test/acc": 0.98, "test/asr": asr, "test/ra": 0.02}}))
 
 
@@ -484,7 +465,7 @@ def fake_defense(grid_dir: Path, attack_key: str, run_key: str, asr_after: float
     run.mkdir(parents=True)
     fields = {**FIELDS, "defense": "ft", "spc": 10, "split_seed": split_seed}
     (run / "run.json").write_text(json.dumps({"kind": "defense", "key": f"{attack_key}/{run_key}", "fields": fields}))
-    (run / "result.json").write_text(json.dumps(fake_result(asr_after)))
+    (run / "result.json").write_text(json.dumps({**fields, **fake_result(asr_after)}))
 
 
 def test_report_over_several_grids_and_an_attack_only_one(tmp_path) -> None:
@@ -551,9 +532,9 @@ def test_wandb_rows_and_local_rows_win(tmp_path, monkeypatch) -> None:
                                                               "ft-spc10-seed5-h5"]
     row = rows[1]
     assert row["attack_key"] == "digits-badnets-m1" and row["asr_after"] == 0.4 and row["seconds"] == 3.0
-    assert row["source"] == "wandb:me/bench/id0.4" and row["grid"] == "wandb:me/bench" and row["method"] == "FT"
+    assert row["source"] == "wandb:me/bench/id0.4" and row["grid"] == "wandb:me/bench" and row["defense"] == "FT"
     assert {k: row[k] for k in ("dataset", "defense", "spc", "split_seed")} == \
-        {"dataset": "digits", "defense": "ft", "spc": 10, "split_seed": 0}
+        {"dataset": "digits", "defense": "FT", "spc": 10, "split_seed": 0}
 
     runs = tmp_path / "runs"
     fake_attack(runs, "digits-badnets-m1", 0.97)
@@ -585,7 +566,7 @@ def test_report_per_attack_tables_and_ranking(tmp_path) -> None:
                 fields = {**FIELDS, "attack": attack, "defense": defense, "spc": 10, "split_seed": seed}
                 (run / "run.json").write_text(json.dumps({"kind": "defense", "key": f"{key}/{run.name}",
                                                           "fields": fields}))
-                record = {**fake_result(asr + 0.01 * seed), "defense": defense.upper()}
+                record = {**fields, **fake_result(asr + 0.01 * seed), "defense": defense.upper()}
                 record["der"] = 0.9 if defense == "ft" else 0.7
                 (run / "result.json").write_text(json.dumps(record))
     table = collect(runs)

@@ -16,7 +16,7 @@ from datamodules.splits import split_by_spc
 from experiments.grid import Grid
 from grid import main
 from tests.conftest import CONFIGS, write_synthetic_prepared
-from tests.test_grid import write_grid
+from tests.helpers import write_grid
 
 
 def check(path: Path, capsys) -> tuple[int, list[str]]:

@@ -4,9 +4,6 @@ and a short poisoning run on digits."""
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -15,12 +12,13 @@ import torch
 
 import datamodules.lf_pattern as lf_pattern
 from datamodules import BackdoorDataModule
-from datamodules.lf_pattern import PatternGeneration, generate_pattern, low_pass, rescale
+from datamodules.lf_pattern import PatternGeneration, generate_pattern
 from datamodules.triggers import LowFrequency, build_trigger
 from datamodules.resources import RESOURCES
 from datamodules.triggers.lf import apply_lf, read_pattern, reference_resource
 from lightning_modules import VictimTraining
 from lightning_modules.backbones import BACKBONES, SmallCNN, class_path
+from tests.helpers import block_downloads, lf_blob, lf_pattern_file
 
 # A tiny generation budget: the pattern's properties do not depend on the surrogate being good.
 TINY = {"dataset": "digits", "surrogate": {"class_path": "lightning_modules.backbones.SmallCNN",
@@ -29,28 +27,12 @@ TINY = {"dataset": "digits", "surrogate": {"class_path": "lightning_modules.back
         "target": 0}
 
 
-def blob(size: int = 32) -> np.ndarray:
-    """A smooth non-negative uint8 pattern (H, W, 3) in 0..51, like the reference files."""
-    v = low_pass(torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) - 0.5)
-    return (rescale(v, 0.2) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
-
-
-def example_pattern_file() -> str:
-    """A uint8 pattern file for tests/test_triggers.py's EXAMPLES (written once per process)."""
-    path = Path(tempfile.gettempdir()) / "bb-lf-example-0-255.npy"
-    if not path.exists():
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, blob())
-        tmp.replace(path)  # atomic: parallel test processes never read half a file
-    return str(path)
-
-
 def images(n: int = 6, size: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
 
 
 def test_both_file_formats_load_on_the_0_255_scale(tmp_path) -> None:
-    u = blob()
+    u = lf_blob()
     np.save(tmp_path / "u.npy", u)                                         # uint8 (H, W, 3) 0..51
     np.save(tmp_path / "f.npy", (u.astype(np.float32) / 255)[None])       # float32 (1, H, W, 3) 0..0.2
     a, b = read_pattern(str(tmp_path / "u.npy")), read_pattern(str(tmp_path / "f.npy"))
@@ -93,8 +75,6 @@ def test_reference_names_every_survey_file() -> None:
 def test_reference_pattern_is_the_runs_file(shared_data, tmp_path, monkeypatch) -> None:
     """`pattern: reference` bound to cifar10 + PreActResNet18 is that file; rebuilt from its record it needs no
     file; VGG-19-BN's float file is read on the 0..1 scale (a real trigger, unlike the reference)."""
-    from tests.test_resources import block_downloads
-
     block_downloads(monkeypatch)
     folder = shared_data / "triggers" / "lowFrequency"
     x = images()
@@ -128,10 +108,10 @@ def test_reference_without_a_file_is_a_clear_error() -> None:
 
 
 def test_apply_formula_and_resize(tmp_path) -> None:
-    np.save(tmp_path / "u.npy", blob())
+    np.save(tmp_path / "u.npy", lf_blob())
     trigger = LowFrequency(str(tmp_path / "u.npy"))
     x = images()
-    expected = np.clip(x.numpy().astype(int) + blob().transpose(2, 0, 1)[None].astype(int), 0, 255)
+    expected = np.clip(x.numpy().astype(int) + lf_blob().transpose(2, 0, 1)[None].astype(int), 0, 255)
     assert np.array_equal(trigger(x).numpy(), expected)
     assert torch.equal(apply_lf(x, trigger.resolved()), trigger(x))
     big = trigger(images(size=64))
@@ -139,8 +119,8 @@ def test_apply_formula_and_resize(tmp_path) -> None:
 
 
 def test_scale_argument_and_bad_inputs(tmp_path) -> None:
-    np.save(tmp_path / "u.npy", blob())
-    np.save(tmp_path / "f.npy", (blob().astype(np.float32) / 255)[None])
+    np.save(tmp_path / "u.npy", lf_blob())
+    np.save(tmp_path / "f.npy", (lf_blob().astype(np.float32) / 255)[None])
     np.save(tmp_path / "zero.npy", np.zeros((32, 32, 3), np.float32))
     np.save(tmp_path / "binary.npy", np.eye(32, dtype=np.float32)[..., None].repeat(3, -1))
     np.save(tmp_path / "chw.npy", np.ones((3, 32, 32), np.uint8))
@@ -232,7 +212,7 @@ def test_poisoning_learns_the_backdoor(tmp_path) -> None:
     """10% of digits poisoned with a 0..51 low-frequency blob: SmallCNN (width 16, batch 64) learns it in
     8 epochs: test ACC 0.953, ASR 1.000 (35 s on 2 CPU cores shared with other jobs; ~6 s expected idle)."""
     path = tmp_path / "blob.npy"
-    np.save(path, blob())
+    np.save(path, lf_blob())
     L.seed_everything(0, verbose=False)
     data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=LowFrequency(str(path)), poison_ratio=0.1,
                               batch_size=64, cache_dir=None)
@@ -266,11 +246,11 @@ def test_generation_settings_bound_to_the_run() -> None:
         LowFrequency(generate=TINY).bind_run("cifar10", 0, "data", victim)
     with pytest.raises(ValueError, match="target 0.*generate.target 3"):
         LowFrequency(generate=TINY).bind_run("digits", 3, "data", victim)
-    LowFrequency(example_pattern_file()).bind_run("cifar10", 3, "data", victim)  # a file: the user's choice
+    LowFrequency(lf_pattern_file()).bind_run("cifar10", 3, "data", victim)  # a file: the user's choice
 
 
 def test_datamodule_binds_the_victim_backbone(tmp_path, monkeypatch) -> None:
-    """Through BackdoorDataModule under a Trainer, the surrogate is the victim's backbone."""
+    """Through BackdoorDataModule under a Trainer, the surrogate is the victim backbone it was given."""
     import lightning as L
 
     from datamodules import BackdoorDataModule
@@ -285,8 +265,9 @@ def test_datamodule_binds_the_victim_backbone(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr("datamodules.triggers.lf.generate_pattern", fake)
     trigger = LowFrequency(generate={k: v for k, v in TINY.items() if k not in ("dataset", "surrogate", "target")})
-    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, poison_ratio=0.05, cache_dir=None)
     model = VictimTraining(functools.partial(SmallCNN, width=4))
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), trigger=trigger, poison_ratio=0.05, cache_dir=None,
+                              victim_backbone=model.backbone_spec)  # what train.py links from model.init_args
     L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
               enable_model_summary=False).fit(model, data)
     assert seen == {"dataset": "digits", "target": 0,

@@ -11,8 +11,7 @@ import torch
 
 from datamodules import BackdoorDataModule
 from datamodules.datasets import CIFAR10, Digits
-from datamodules.triggers import LIRA as LIRATrigger
-from datamodules.triggers import build_trigger
+from datamodules.triggers import LIRATrigger, build_trigger
 from lightning_modules.attacks import LIRA
 from lightning_modules.backbones import SmallCNN
 from lightning_modules.checkpoint import load_attacked
@@ -100,8 +99,9 @@ def test_stages_and_saved_classifier(tmp_path) -> None:
     """1 joint epoch, then 2 fine-tuning epochs (3 batches each): the generator moves in stage 1 only, the
     classifier keeps training in stage 2, and the checkpoint holds the fine-tuned classifier."""
     L.seed_everything(0, verbose=False)
-    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=0.5, batch_size=32, cache_dir=None)
-    model = LIRA(functools.partial(SmallCNN, width=8), joint_epochs=1, eps=0.05, generator_lr=1e-2)
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=0.5, batch_size=32, cache_dir=None,
+                              serve_untriggered_backdoor_set=True)
+    model = LIRA(functools.partial(SmallCNN, width=8), joint_epochs=1, eps=0.05, generator_lr=1e-2, poison_ratio=0.5)
     probe = StageProbe()
     trainer = L.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=0, num_sanity_val_steps=0,
                         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -134,8 +134,9 @@ def test_backdoor_is_learned_on_digits(tmp_path) -> None:
     + 15 fine-tuning epochs, SmallCNN width 16, batch 128: ACC 0.967, ASR 1.000); the reference's eps 0.01 is not
     separable on digits (ACC 0.30). Several minutes on 2 CPU cores."""
     L.seed_everything(0, verbose=False)
-    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=1.0, batch_size=128, cache_dir=None)
-    model = LIRA(functools.partial(SmallCNN, width=16), joint_epochs=15, eps=0.1, generator_lr=1e-3)
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=1.0, batch_size=128, cache_dir=None,
+                              serve_untriggered_backdoor_set=True)
+    model = LIRA(functools.partial(SmallCNN, width=16), joint_epochs=15, eps=0.1, generator_lr=1e-3, poison_ratio=1.0)
     trainer = L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, default_root_dir=tmp_path)

@@ -12,13 +12,13 @@ from torch import nn
 
 from datamodules.loader import TensorImages
 from datamodules.mitigation import MitigationDataModule
-from lightning_modules.backbones import BACKBONES
+from lightning_modules.backbones import BACKBONES, layer_roles
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import MMBD, load_defended
 from lightning_modules.defenses.hooks import capture
-from lightning_modules.defenses.mmbd import BOUNDED_LAYERS, bounded_layers, is_check_epoch, next_lambda
+from lightning_modules.defenses.mmbd import bounded_layers, is_check_epoch, next_lambda
 from tests.conftest import CONFIGS, run_cli
-from tests.test_defenses import QUIET
+from tests.helpers import QUIET
 
 # (how many activations are bounded, a prefix none of them may have)
 EXPECTED = {
@@ -49,7 +49,8 @@ def with_data(defense: MMBD, x: torch.Tensor, y: torch.Tensor) -> MMBD:
 def test_layer_selection(name: str) -> None:
     with torch.device("meta"):
         net = BACKBONES[name](10)
-    names = bounded_layers(net, **BOUNDED_LAYERS[type(net).__name__])
+    roles = layer_roles(net)
+    names = bounded_layers(net, roles.activations, roles.activations_exclude)
     count, forbidden = EXPECTED[name]
     assert len(names) == count and not any(n.startswith(forbidden) for n in names)
     if name == "mobilenet_v3_large":
@@ -211,23 +212,6 @@ def test_test_sets_play_no_part(backdoored_checkpoint, short_run, tmp_path, monk
     assert swapped["before"] != honest["before"]  # the swap took effect
     for key in ("initial_bounds", "checks", "layers", "lam_final"):
         assert swapped["defense_info"][key] == honest["defense_info"][key], key
-
-
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step without a Trainer
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name: str, backbone_checkpoint) -> None:
-    defense = MMBD(str(backbone_checkpoint(name)))
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    defense = with_data(defense, x, torch.arange(4))
-    defense.prepare()
-    defense.train()
-    assert not any(m.training for m in defense.net.modules())  # the backbone stays in eval mode
-    loss = defense.training_step((x, torch.arange(4)), 0)
-    loss.backward()
-    assert all(b.grad is not None for b in defense.bounds)
-    assert all(p.grad is None for p in defense.net.parameters())
-    assert len(defense.layer_names) == EXPECTED[name][0]
-    json.dumps(defense.info())
 
 
 def test_bad_arguments(backdoored_checkpoint) -> None:

@@ -1,37 +1,18 @@
 """NAD: the attention map matches a hand computation; the teacher is a fine-tuned, frozen copy, never the student;
-the student starts from the backdoored weights; only D_m decides; bad settings fail; every backbone runs."""
+the student starts from the backdoored weights; only D_m decides; bad settings fail. Every backbone:
+tests/test_defenses.py."""
 
 from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 
-from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import NAD
-from lightning_modules.defenses.nad import NAD_LAYERS, attention_loss, attention_map
-
-
-class SmallTests(MitigationDataModule):
-    """D_m as configured, the test sets cut to their first `n_test` images, or replaced by random ones."""
-
-    def __init__(self, *args, n_test: int = 32, random_tests: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.n_test, self.random_tests = n_test, random_tests
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        for name in ("clean", "backdoor"):
-            tensors = [t[: self.n_test] for t in self._sets[name].tensors]
-            if self.random_tests:
-                tensors[0] = torch.randint(0, 256, tensors[0].shape, dtype=torch.uint8,
-                                           generator=torch.Generator().manual_seed(1))
-            self._sets[name] = TensorImages(*tensors)
+from lightning_modules.backbones import SmallCNN, layer_roles
+from lightning_modules.defenses.nad import attention_loss, attention_map
 
 
 class Spy(NAD):
@@ -39,23 +20,16 @@ class Spy(NAD):
 
     def on_train_start(self) -> None:
         self.student_start = {k: v.clone() for k, v in self.net.state_dict().items()}
-        self.teacher_start = {k: v.clone() for k, v in self._work["teacher"].state_dict().items()}
+        self.teacher_start = {k: v.clone() for k, v in self.references["teacher"].state_dict().items()}
 
     def finish(self) -> None:
-        self.kept = {"teacher": self._work["teacher"]}  # a dict: an attribute would register a submodule
+        self.kept = {"teacher": self.references["teacher"]}  # a dict: an attribute would register a submodule
         super().finish()
 
 
-def run_nad(path, tmp_path, epochs: int = 1, spc: int = 3, n_test: int = 32, random_tests: bool = False,
-            **kwargs) -> Spy:
-    L.seed_everything(0, verbose=False)
+def run_nad(run_defense, path, epochs: int = 1, spc: int = 3, noise: bool = False, **kwargs) -> Spy:
     kwargs = {"teacher_epochs": 2, "save_defended": False, **kwargs}
-    model = Spy(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, SmallTests(spc=spc, backdoored=str(path), n_test=n_test, batch_size=16,
-                                  random_tests=random_tests))
-    return model
+    return run_defense(Spy, path, epochs=epochs, data={"spc": spc, "noise": noise}, **kwargs)
 
 
 def test_attention_map_by_hand() -> None:
@@ -71,10 +45,10 @@ def test_attention_map_by_hand() -> None:
     assert float(attention_loss(5.0 * f, f)) == pytest.approx(0.0, abs=1e-10)
 
 
-def test_teacher_is_fine_tuned_frozen_and_not_the_student(backdoored_checkpoint, tmp_path) -> None:
+def test_teacher_is_fine_tuned_frozen_and_not_the_student(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
     original = load_attacked(path).net.state_dict()
-    model = run_nad(path, tmp_path, epochs=1, teacher_epochs=2)
+    model = run_nad(run_defense, path, epochs=1, teacher_epochs=2)
     teacher = model.kept["teacher"]
     # the student starts from the backdoored weights; the teacher from the same, fine-tuned
     for key, value in original.items():
@@ -90,14 +64,15 @@ def test_teacher_is_fine_tuned_frozen_and_not_the_student(backdoored_checkpoint,
     assert any(not torch.equal(model.net.state_dict()[k], v) for k, v in original.items() if v.is_floating_point())
     assert all(not k.startswith("teacher") for k in model.state_dict())
     info = model.info()
-    assert info["layers"] == NAD_LAYERS["SmallCNN"] and info["feature_shapes"]["features.12"] == [32, 16, 16]
+    assert info["layers"] == dict(layer_roles(SmallCNN).attention)
+    assert info["feature_shapes"]["features.12"] == [32, 16, 16]
     assert len(info["teacher"]["loss"]) == 2 and len(info["student"]) == 1
     assert info["student"][0]["at/features.16"] > 0 and 0 <= info["dm_acc_after"] <= 1
 
 
-def test_student_loss_is_ce_plus_weighted_attention_terms(backdoored_checkpoint, tmp_path) -> None:
-    model = run_nad(backdoored_checkpoint["path"], tmp_path, epochs=1, teacher_epochs=1)
-    model._work["teacher"] = model.kept["teacher"]
+def test_student_loss_is_ce_plus_weighted_attention_terms(backdoored_checkpoint, run_defense) -> None:
+    model = run_nad(run_defense, backdoored_checkpoint["path"], epochs=1, teacher_epochs=1)
+    model.references["teacher"] = model.kept["teacher"]
     x, y = model.mitigation_data("train")
     loss, terms = model.nad_loss(x.float() / 255, y)
     assert set(terms) == {"ce", "at/features.12", "at/features.16"}
@@ -105,11 +80,11 @@ def test_student_loss_is_ce_plus_weighted_attention_terms(backdoored_checkpoint,
                                               + 1000 * terms["at/features.16"]), rel=1e-5)
 
 
-def test_only_dm_decides(backdoored_checkpoint, tmp_path) -> None:
+def test_only_dm_decides(backdoored_checkpoint, run_defense) -> None:
     """The defended weights do not depend on the test sets (only the before/after measurements read them)."""
     path = backdoored_checkpoint["path"]
-    a = run_nad(path, tmp_path / "a", teacher_epochs=1)
-    b = run_nad(path, tmp_path / "b", teacher_epochs=1, random_tests=True)
+    a = run_nad(run_defense, path, teacher_epochs=1)
+    b = run_nad(run_defense, path, teacher_epochs=1, noise=True)
     for key, value in a.net.state_dict().items():
         assert torch.equal(value, b.net.state_dict()[key]), key
     assert a.result["before"]["acc"] != b.result["before"]["acc"]  # the test sets did differ
@@ -127,29 +102,13 @@ def test_bad_settings(backdoored_checkpoint, bad) -> None:
         NAD(str(backdoored_checkpoint["path"]), **bad)
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
-    model = run_nad(backbone_checkpoint(name), tmp_path, epochs=1, spc=1, n_test=8, teacher_epochs=1)
-    info = model.info()
-    assert info["layers"] == NAD_LAYERS[type(model.net).__name__]
-    assert all(len(shape) == 3 for shape in info["feature_shapes"].values())
-    assert len(info["student"]) == 1 and all(math.isfinite(v) for v in info["student"][0].values())
-    assert 0 <= model.result["after"]["acc"] <= 1
-    # which attention terms can act at all: the survey's layers degenerate on all but PreAct-ResNet18
-    expected = {"preact_resnet18": {"layer3": True, "layer4": True, "avgpool": False},
-                "small_cnn": {"features.12": True, "features.16": True}}.get(name, {"avgpool": False})
-    assert info["attention_active"] == expected
-    if name == "preact_resnet18":  # and where they act, they are nonzero for a student that differs from its teacher
-        assert all(info["student"][0][f"at/{n}"] > 0 for n in ("layer3", "layer4"))
-
-
-def test_attention_term_reaches_the_student(backdoored_checkpoint, tmp_path) -> None:
+def test_attention_term_reaches_the_student(backdoored_checkpoint, run_defense) -> None:
     """The same run with betas 0 (plain CE) must end with other student weights: the attention term's gradient
     reaches the student (a silent no-op would leave them equal)."""
     weights = []
     for betas in (None, {"SmallCNN": {"features.12": 0.0, "features.16": 0.0}}):
         kwargs = {} if betas is None else {"layers": betas}
-        model = run_nad(backdoored_checkpoint["path"], tmp_path / str(betas is None), **kwargs)
+        model = run_nad(run_defense, backdoored_checkpoint["path"], **kwargs)
         weights.append({k: v.clone() for k, v in model.net.state_dict().items()})
         assert all(model.info()["attention_active"].values())
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if k.endswith("weight"))

@@ -1,42 +1,18 @@
 """NPD: the polarizer starts as the identity, is the only thing that trains, and comes back with the defended
-checkpoint; perturbations stay in the L2 ball; bad settings fail clearly; it runs on every registered backbone."""
+checkpoint; perturbations stay in the L2 ball; bad settings fail clearly."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
-from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import NPD, load_defended
-from lightning_modules.defenses.npd import POLARIZER_LAYERS
 from tests.helpers import dm_images
 
 
-class SmallTests(MitigationDataModule):
-    """D_m as configured, the test sets cut to their first `n_test` images (cheap before/after measurements)."""
-
-    def __init__(self, *args, n_test: int = 32, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.n_test = n_test
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        for name in ("clean", "backdoor"):
-            self._sets[name] = TensorImages(*(t[: self.n_test] for t in self._sets[name].tensors))
-
-
-def run_npd(path, tmp_path, epochs: int = 3, spc: int = 3, n_test: int = 32, **kwargs) -> NPD:
-    L.seed_everything(0, verbose=False)
-    kwargs = {"warmup_epochs": 1, **kwargs}
-    model = NPD(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, SmallTests(spc=spc, backdoored=str(path), n_test=n_test, batch_size=16))
-    return model
+def run_npd(run_defense, path, epochs: int = 3, root=None, **kwargs) -> NPD:
+    return run_defense(NPD, path, root=root, epochs=epochs, data={"spc": 3}, **{"warmup_epochs": 1, **kwargs})
 
 
 def images(n: int = 8, size: int = 32) -> torch.Tensor:
@@ -54,9 +30,10 @@ def test_polarizer_starts_as_identity(backdoored_checkpoint) -> None:
     assert model.polarizer[0].in_channels == dict(model.net.named_modules())["features.14"].in_channels
 
 
-def test_only_the_polarizer_trains_and_the_checkpoint_restores_it(backdoored_checkpoint, tmp_path) -> None:
+def test_only_the_polarizer_trains_and_the_checkpoint_restores_it(backdoored_checkpoint, tmp_path,
+                                                                  run_defense) -> None:
     path = str(backdoored_checkpoint["path"])
-    model = run_npd(path, tmp_path)
+    model = run_npd(run_defense, path, root=tmp_path)
     assert [e["phase"] for e in model.info()["epochs"]] == ["warmup", "npd", "npd"]
     original = load_attacked(path).net.state_dict()
     defended = model.net.state_dict()
@@ -108,20 +85,9 @@ def test_bad_settings(backdoored_checkpoint, bad) -> None:
         NPD(str(backdoored_checkpoint["path"]), **bad)
 
 
-def test_max_epochs_must_exceed_warmup(backdoored_checkpoint, tmp_path) -> None:
+def test_max_epochs_must_exceed_warmup(backdoored_checkpoint, run_defense) -> None:
     with pytest.raises(ValueError, match="warm-up"):
-        run_npd(backdoored_checkpoint["path"], tmp_path, epochs=2, warmup_epochs=2)
-
-
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
-    path = backbone_checkpoint(name)
-    model = run_npd(path, tmp_path, epochs=2, spc=1, n_test=8, save_defended=False)
-    target = dict(model.net.named_modules())[model.info()["layer"]]
-    assert model.info()["layer"] == POLARIZER_LAYERS[type(model.net).__name__]
-    assert model.polarizer[0].in_channels == target.in_channels
-    assert not any(p.requires_grad for p in model.net.parameters())
-    assert 0 <= model.result["after"]["acc"] <= 1 and model.info()["epochs"][-1]["phase"] == "npd"
+        run_npd(run_defense, backdoored_checkpoint["path"], epochs=2, warmup_epochs=2)
 
 
 def test_perturbation_moves_toward_the_target(backdoored_checkpoint) -> None:

@@ -16,16 +16,10 @@ import pytest
 
 from datamodules import prepare, resources
 from datamodules.resources import RESOURCES, Resource
+from tests.helpers import block_downloads
 
 SURVEY_DATASETS = ("cifar10", "gtsrb", "tiny")
 SURVEY_MODELS = ("preactresnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large")
-
-
-def block_downloads(monkeypatch) -> None:
-    """Make every download fail as if offline (also imported by tests/test_triggers.py and tests/test_lf.py)."""
-    def offline(url, timeout=None):
-        raise urllib.error.URLError(f"downloads are disabled in tests ({url})")
-    monkeypatch.setattr(resources, "urlopen", offline)
 
 
 @pytest.fixture(autouse=True)

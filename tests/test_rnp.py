@@ -1,49 +1,19 @@
 """RNP: masks in [0, 1]; the threshold rule reads D_m only; the pruning lands on the original weights and
-survives a reload; bad settings fail clearly; it builds and runs on every registered backbone."""
+survives a reload; bad settings fail clearly."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
-from datamodules import MitigationDataModule
-from datamodules.loader import TensorImages
-from lightning_modules.backbones import BACKBONES
 from lightning_modules.checkpoint import load_attacked
 from lightning_modules.defenses import RNP, load_defended
-from lightning_modules.defenses.pruning import bn_layers
 from lightning_modules.defenses.rnp import scan_threshold
 
 
-class SmallTests(MitigationDataModule):
-    """D_m as configured; the test sets cut to `n_test` images, or replaced by noise (`noise_tests`)."""
-
-    def __init__(self, *args, n_test: int = 32, noise_tests: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.n_test, self.noise_tests = n_test, noise_tests
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        gen = torch.Generator().manual_seed(1)
-        for name in ("clean", "backdoor"):
-            tensors = [t[: self.n_test] for t in self._sets[name].tensors]
-            if self.noise_tests:
-                tensors[0] = torch.randint(0, 256, tensors[0].shape, generator=gen, dtype=torch.uint8)
-                tensors[1:] = [torch.randint(0, 10, t.shape, generator=gen) for t in tensors[1:]]
-            self._sets[name] = TensorImages(*tensors)
-
-
-def run_rnp(path, tmp_path, epochs: int = 2, spc: int = 5, n_test: int = 32, noise_tests: bool = False,
-            **kwargs) -> RNP:
-    L.seed_everything(0, verbose=False)
-    kwargs = {"unlearn_epochs": 2, **kwargs}
-    model = RNP(str(path), result_file=str(tmp_path / "result.json"), **kwargs)
-    data = SmallTests(spc=spc, backdoored=str(path), n_test=n_test, noise_tests=noise_tests, batch_size=64)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, data)
-    return model
+def run_rnp(run_defense, path, epochs: int = 2, noise: bool = False, root=None, **kwargs) -> RNP:
+    return run_defense(RNP, path, root=root, epochs=epochs, data={"spc": 5, "noise": noise, "batch_size": 64},
+                       **{"unlearn_epochs": 2, **kwargs})
 
 
 def test_scan_stops_before_the_accuracy_drop() -> None:
@@ -59,10 +29,10 @@ def test_scan_stops_before_the_accuracy_drop() -> None:
     assert chosen == pytest.approx(0.98) and len(history) == 50  # 0, 0.02, ..., 0.98: never fails
 
 
-def test_masks_and_pruning_of_the_original_weights(backdoored_checkpoint, tmp_path) -> None:
+def test_masks_and_pruning_of_the_original_weights(backdoored_checkpoint, tmp_path, run_defense) -> None:
     # a strong ascent (lr 0.1) unlearns within the budget, so recovery has work to do; max_acc_drop 1: the scan
     # runs to the last threshold, so every mask below 0.98 is pruned
-    model = run_rnp(backdoored_checkpoint["path"], tmp_path, unlearn_lr=0.1, unlearn_epochs=5, max_acc_drop=1.0)
+    model = run_rnp(run_defense, backdoored_checkpoint["path"], unlearn_lr=0.1, unlearn_epochs=5, max_acc_drop=1.0)
     info = model.info()
     masks = torch.cat([m.detach() for m in model.masks.values()])
     assert info["unlearn"]["reached_stop_acc"] and info["unlearn"]["epochs"] < 5  # stopped at D_m acc <= 0.2
@@ -97,10 +67,10 @@ def test_masks_and_pruning_of_the_original_weights(backdoored_checkpoint, tmp_pa
     torch.testing.assert_close(reloaded(x), model.eval()(x))
 
 
-def test_threshold_uses_only_mitigation_data(backdoored_checkpoint, tmp_path) -> None:
+def test_threshold_uses_only_mitigation_data(backdoored_checkpoint, run_defense) -> None:
     path = backdoored_checkpoint["path"]
-    a = run_rnp(path, tmp_path / "a", unlearn_lr=0.1, max_acc_drop=0.05)
-    b = run_rnp(path, tmp_path / "b", unlearn_lr=0.1, max_acc_drop=0.05, noise_tests=True)
+    a = run_rnp(run_defense, path, unlearn_lr=0.1, max_acc_drop=0.05)
+    b = run_rnp(run_defense, path, unlearn_lr=0.1, max_acc_drop=0.05, noise=True)
     assert 0 < a.info()["threshold"] < 0.98  # the rule stopped the scan: a real choice
     assert a.result["before"] != b.result["before"]  # the test sets did change
     for key in ("threshold", "scan", "pruned_per_layer", "unlearn", "dm_acc_unpruned"):
@@ -112,16 +82,16 @@ def test_threshold_uses_only_mitigation_data(backdoored_checkpoint, tmp_path) ->
 
 
 @pytest.mark.parametrize("unlearn_masks", [False, True])
-def test_masks_during_unlearning(backdoored_checkpoint, tmp_path, unlearn_masks) -> None:
+def test_masks_during_unlearning(backdoored_checkpoint, run_defense, unlearn_masks) -> None:
     # no recovery epoch: the masks are what unlearning left (the fork trains them there; the original has none)
-    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=0, unlearn_lr=0.1, unlearn_masks=unlearn_masks,
+    model = run_rnp(run_defense, backdoored_checkpoint["path"], epochs=0, unlearn_lr=0.1, unlearn_masks=unlearn_masks,
                     selection="fixed", save_defended=False)
     masks = torch.cat([m.detach() for m in model.masks.values()])
     assert masks.min() >= 0 and masks.max() <= 1
     assert bool((masks == 1).all()) is not unlearn_masks
 
 
-def test_running_train_accuracy_stop(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+def test_running_train_accuracy_stop(backdoored_checkpoint, run_defense, monkeypatch) -> None:
     """stop_signal running_train_acc (the fork's): the stop reads the accuracy of the epoch's own train-mode
     forwards on augmented batches, not an eval pass after the epoch."""
     seen: list[float] = []
@@ -155,7 +125,7 @@ def test_running_train_accuracy_stop(backdoored_checkpoint, tmp_path, monkeypatc
             yield xb, yb
 
     monkeypatch.setattr(RNP, "batches", spy_batches)
-    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=0, unlearn_lr=0.1, unlearn_epochs=6,
+    model = run_rnp(run_defense, backdoored_checkpoint["path"], epochs=0, unlearn_lr=0.1, unlearn_epochs=6,
                     stop_signal="running_train_acc", selection="fixed", save_defended=False)
     info = model.info()["unlearn"]
     # spc 5 x 10 classes at batch 64: one batch per epoch, so each epoch's running accuracy is that batch's
@@ -164,7 +134,7 @@ def test_running_train_accuracy_stop(backdoored_checkpoint, tmp_path, monkeypatc
     assert info["reached_stop_acc"] and info["dm_acc"][-1] <= 0.2 < min(info["dm_acc"][:-1], default=1.0)
 
 
-def test_recovery_descends_the_masked_loss(backdoored_checkpoint, tmp_path, monkeypatch) -> None:
+def test_recovery_descends_the_masked_loss(backdoored_checkpoint, run_defense, monkeypatch) -> None:
     """Recovery minimises CE(D_m) of the unlearned network over the masks: the recovered masks must give a lower
     D_m loss than masks of 1 (an ascent would raise it)."""
     import copy
@@ -177,13 +147,13 @@ def test_recovery_descends_the_masked_loss(backdoored_checkpoint, tmp_path, monk
     finish = RNP.finish
 
     def spy_finish(self):
-        captured["net"] = copy.deepcopy(self._work["recovery"].net)
+        captured["net"] = copy.deepcopy(self.references["recovery"].net)
         captured["masks"] = {k: v.detach().clone() for k, v in self.masks.items()}
         captured["data"] = self.mitigation_data("train")
         finish(self)
 
     monkeypatch.setattr(RNP, "finish", spy_finish)
-    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=5, unlearn_lr=0.1, unlearn_epochs=5,
+    model = run_rnp(run_defense, backdoored_checkpoint["path"], epochs=5, unlearn_lr=0.1, unlearn_epochs=5,
                     selection="fixed", save_defended=False)
     x, y = captured["data"]
     ones = {k: torch.ones_like(v) for k, v in captured["masks"].items()}
@@ -195,8 +165,8 @@ def test_recovery_descends_the_masked_loss(backdoored_checkpoint, tmp_path, monk
     assert losses["recovered"] < 0.8 * losses["ones"], losses
 
 
-def test_fixed_threshold(backdoored_checkpoint, tmp_path) -> None:
-    model = run_rnp(backdoored_checkpoint["path"], tmp_path, epochs=1, selection="fixed", fixed_threshold=0.9)
+def test_fixed_threshold(backdoored_checkpoint, run_defense) -> None:
+    model = run_rnp(run_defense, backdoored_checkpoint["path"], epochs=1, selection="fixed", fixed_threshold=0.9)
     flat = torch.cat([m.detach() for m in model.masks.values()])
     assert model.info()["threshold"] == 0.9 and model.info()["scan"] == []
     assert model.info()["pruned_total"] == int((flat < 0.9).sum())
@@ -208,14 +178,3 @@ def test_fixed_threshold(backdoored_checkpoint, tmp_path) -> None:
 def test_bad_settings(backdoored_checkpoint, bad) -> None:
     with pytest.raises(ValueError, match="RNP"):
         RNP(str(backdoored_checkpoint["path"]), **bad)
-
-
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_runs_on_every_backbone(name, backbone_checkpoint, tmp_path) -> None:
-    path = backbone_checkpoint(name)
-    model = run_rnp(path, tmp_path, epochs=1, spc=1, n_test=8, unlearn_epochs=1, threshold_step=0.25,
-                    save_defended=False)
-    assert [n for n, _ in bn_layers(model.net)] == list(model.masks)
-    masks = torch.cat([m.detach() for m in model.masks.values()])
-    assert masks.min() >= 0 and masks.max() <= 1
-    assert 0 <= model.result["after"]["acc"] <= 1 and model.info()["unlearn"]["epochs"] == 1

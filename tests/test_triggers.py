@@ -12,14 +12,13 @@ from PIL import Image
 
 from datamodules.cache import fingerprint
 from datamodules.triggers import SIG, TRIGGERS, BadNets, Blended, apply_badnets, apply_blended, build_trigger
-from tests.test_lf import example_pattern_file as lf_example_pattern_file
-from tests.test_resources import block_downloads
+from tests.helpers import block_downloads, lf_pattern_file
 
 
 # How to build a small valid instance of each registered trigger (default construction where that works).
 # A trigger that needs a file, a pattern or trained weights gets its entry here (keyed by its file name).
 EXAMPLES: dict[str, object] = {
-    "lf": lambda: TRIGGERS["lf"](pattern=lf_example_pattern_file()),  # a smooth 0..51 uint8 .npy
+    "lf": lambda: TRIGGERS["lf"](pattern=lf_pattern_file()),  # a smooth 0..51 uint8 .npy
     "lira": lambda: TRIGGERS["lira"](eps=0.5),  # at eps 0.01 an untrained generator changes no pixel
     "iab": lambda: TRIGGERS["iab"](width=8),  # untrained, seeded; width 32 is only slower on CPU
     "ssba": lambda: TRIGGERS["ssba"](epochs=0, width=4),  # the seeded untrained encoder: no data, no training

@@ -12,7 +12,7 @@ import torch
 from datamodules import BackdoorDataModule
 from datamodules.datasets import Digits
 from datamodules.triggers import build_trigger
-from datamodules.triggers.wanet import WaNet as WarpTrigger
+from datamodules.triggers.wanet import WaNetTrigger as WarpTrigger
 from datamodules.triggers.wanet import cross_grids, warp, warp_noise
 from lightning_modules.attacks import ATTACKS
 from lightning_modules.attacks.batch_augment import PostPoisonAugment, rotate
@@ -91,10 +91,9 @@ def test_bad_parameters() -> None:
 
 # -- the poisoned training batch ---------------------------------------------------------------------------
 def attack_for_unit_tests(poison_ratio: float = 0.1, **kwargs) -> WaNet:
-    """A WaNet system bound to digits without a Trainer (what `setup` would set from the DataModule)."""
-    model = WaNet(functools.partial(SmallCNN, width=4), **kwargs)
+    """A WaNet system bound to digits without a Trainer (what `setup` does)."""
+    model = WaNet(functools.partial(SmallCNN, width=4), poison_ratio=poison_ratio, **kwargs)
     model.bind_data(Digits.spec)
-    model.poison_ratio, model.target, model.mode = poison_ratio, 0, "all_to_one"
     return model
 
 
@@ -175,7 +174,8 @@ def test_trains_a_backdoor_on_digits(tmp_path) -> None:
     epochs, s 0.5 without 0.33 and s 1 with 0.09 after 12 (2 CPU cores, seed 0).
     The checkpoint regenerates the same backdoor test set."""
     L.seed_everything(0, verbose=False)
-    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=0.1, batch_size=64, cache_dir=None)
+    data = BackdoorDataModule("digits", data_dir=str(tmp_path), poison_ratio=0.1, batch_size=64, cache_dir=None,
+                              serve_untriggered_backdoor_set=True)
     model = WaNet(functools.partial(SmallCNN, width=16), strength=1.0, augment=False)
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

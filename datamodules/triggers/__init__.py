@@ -1,32 +1,16 @@
-"""Triggers, one per file. `TRIGGERS` maps each file's name (badnets, blended, sig, wanet, ...) to the Trigger
-subclass it defines, found by scanning this package, so adding a trigger is adding a file."""
+"""Triggers, one per file. `TRIGGERS` is their registry (core/registry.py): each file's name (badnets, blended,
+sig, wanet, ...) -> the Trigger subclass it defines, found by scanning this package, so adding a data-poisoning
+attack is adding a trigger file (and its config in configs/attack/). The class carries the attack's metadata:
+`display_name` and `dynamic` (static vs dynamic in the report)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
-
+from core.registry import Registry
 from datamodules.triggers.base import Trigger, build_trigger
 
-_SHARED = {"base"}
-
-
-def _discover() -> dict[str, type[Trigger]]:
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name in _SHARED or info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-                   if issubclass(c, Trigger) and c is not Trigger and c.__module__ == module.__name__]
-        if len(classes) != 1:
-            raise ImportError(f"{module.__name__} must define exactly one Trigger subclass, found {classes}")
-        found[info.name] = classes[0]
-    return found
-
-
-TRIGGERS: dict[str, type[Trigger]] = _discover()
+TRIGGERS: Registry[type[Trigger]] = Registry("trigger", Trigger, {"display_name": None, "dynamic": False,
+                                                                 "clean_label": False})
+TRIGGERS.discover(__name__, skip={"base"})
 globals().update({cls.__name__: cls for cls in TRIGGERS.values()})  # datamodules.triggers.BadNets, ...
 
 from datamodules.triggers.badnets import apply_badnets  # noqa: E402

@@ -19,6 +19,10 @@ class Trigger(nn.Module):
     """Base class. Subclasses implement `forward(x: uint8[B, C, H, W]) -> uint8[B, C, H, W]`."""
 
     clean_label: ClassVar[bool] = False  # True: poison only target-class images and keep their labels
+    # Registry metadata (TRIGGERS.meta): the attack's name in tables and figures (None: the class name), and
+    # whether the trigger depends on the image (the survey's static vs dynamic split).
+    display_name: ClassVar[str | None] = None
+    dynamic: ClassVar[bool] = False
     from_record: bool = False  # set by build_trigger: the state came from a checkpoint, nothing to fit
     _data_dir: str = "data"  # where resource names (datamodules/resources.py) are looked up; the run's, once bound
 

@@ -1,35 +1,16 @@
 """LF, the low-frequency trigger (Zeng et al., "Rethinking the Backdoor Attacks' Triggers: A Frequency
 Perspective", ICCV 2021): x' = clip(round(x + P), 0, 255) with P a smooth, non-negative universal pattern.
 
-P is held as float32 (C, H, W) on the 0..255 scale (BackdoorBench's uint8 files hold 0..51, i.e. [0, 0.2] of
-the 0..1 scale) and travels in checkpoints as extra state, so a run rebuilds without the file or the surrogate.
-Where it comes from (exactly one):
-- `pattern`, a BackdoorBench-style .npy file: a path, a registered resource name (`lf_<dataset>_<model>`, e.g.
-  `lf_cifar10_preactresnet18`), or `reference`: BackdoorBench's file for the run's dataset and victim backbone
-  (cifar10 / gtsrb / tiny_imagenet x PreActResNet18 / VGG19BN / EfficientNetB3 / MobileNetV3Large, bound by
-  `bind_run`; configs/attack/survey/lf.yaml). Resource files are fetched once into
-  `<data_dir>/triggers/lowFrequency/` and sha256-checked (datamodules/resources.py). Two formats exist in
-  resource/lowFrequency: uint8 (H, W, 3) 0..51, and float32 (1, H, W, 3) 0..0.2 (the VGG-19-BN, ConvNeXt and
-  ViT files). The reference adds the float ones unchanged to 0..255 images, which truncates back to the clean
-  image: a null trigger, so the survey's LF on VGG-19-BN carried none. Here `scale` says how to read a file:
-  "0-255" as is, "0-1" times 255, "auto" by dtype and values (integers: 0-255; floats above 1: 0-255; floats
-  within [-1, 1]: 0-1; all-zero files, and floats that are all -1, 0 or 1, are ambiguous and raise). So
-  `reference` on VGG-19-BN (with `scale: auto`) is a real 0..51 trigger, *not* the survey's null trigger: a
-  pitfall of the reference we do not reproduce.
-- `generate`, the settings of datamodules/lf_pattern.py (a targeted universal adversarial perturbation
-  against a clean surrogate, cached per dataset, surrogate and seed). Settings left None are the run's:
-  BackdoorDataModule hands the trigger its dataset, target, data folder and the victim's backbone
-  (`bind_run`), so the default surrogate is a clean model of the victim's architecture (the survey's
-  per-(dataset, model) patterns); explicit values are kept, and a dataset or target other than the run's is
-  refused.
-The pattern is resolved by the `fit` hook (BackdoorDataModule.setup) or lazily (first use, or `state_dict()`),
-so a checkpoint's record rebuilds it without regenerating. Images of another size get the pattern resized bilinearly (the reference ships one file per
-image size). Differs from the reference: the sum is rounded (the reference truncates float sums).
-Cost: one add per batch; generating a pattern, see datamodules/lf_pattern.py (digits: 11 s on 2 cores).
-Measured (victim SmallCNN width 16, seed 0, ratio 0.1, 2 CPU cores; benchmarks/README.md): digits, 100 epochs:
-ACC 0.994 (clean 0.994), ASR 1.000, pattern 11 s. CIFAR-10, 20 epochs: generated pattern (SmallCNN
-surrogate, fooling rate plateau 0.17 < 0.2, 335 s) ACC 0.744 (clean 0.775), ASR 0.782; BackdoorBench's
-PreAct-ResNet18 file (cifar10_preactresnet18_0_255.npy) ACC 0.752, ASR 0.918.
+P (float32 (C, H, W), 0..255 scale) comes from exactly one source: `pattern` (a BackdoorBench .npy path, a
+resource name `lf_<dataset>_<model>`, or `reference`: the file for the run's dataset and backbone, fetched and
+sha256-checked by datamodules/resources.py) or `generate` (datamodules/lf_pattern.py against a clean surrogate of
+the victim's backbone, bound by `bind_run`). P travels in checkpoints as extra state; other image sizes get it
+resized bilinearly.
+Pitfall: the reference's float files (VGG-19-BN) were a null trigger there; `scale: auto` reads them on the 0..1
+scale, so `reference` on VGG-19-BN is a real trigger here (docs/fidelity.md, "LF"). Ambiguous files raise.
+Differs from the reference: the sum is rounded (the reference truncates).
+Defaults: configs/attack/lf.yaml; the survey's files: configs/attack/survey/lf.yaml.
+Cost: one add per batch; generating a pattern: datamodules/lf_pattern.py; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -130,6 +111,7 @@ class LowFrequency(Trigger):
         scale: the file's scale: "0-255", "0-1", or "auto" (decided by dtype and range; raises where ambiguous).
         generate: settings to generate the pattern instead (datamodules.lf_pattern.PatternGeneration).
     """
+    display_name = "LF"
 
     def __init__(
         self,

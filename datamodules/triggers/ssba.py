@@ -1,39 +1,15 @@
 """SSBA, the sample-specific invisible backdoor (Li et al., "Invisible Backdoor Attack with Sample-Specific
-Triggers", ICCV 2021): x' = E(x, s), a StegaStamp encoder embedding one fixed bit string s in every image,
-so each image gets its own imperceptible residual.
+Triggers", ICCV 2021): x' = E(x, s), a StegaStamp encoder embedding one fixed bit string s in every image.
 
-Reference (BackdoorBench resource/ssba): the encoder/decoder are trained on the clean training images
-(datamodules/ssba_encoder.py: fingerprint length 100, 20 epochs, batch 64, Adam 1e-4, L2 + BCE, residual
-mode off); s is the secret "abcd" padded with spaces to 7 bytes plus its BCH code (GF(2^7), polynomial
-137, t = 5: 5 ECC bytes) and 4 zero bits = 100 bits (50-bit fingerprints: 4 bytes, t = 2, 2 zero bits).
-Our BCH encoder is bit-identical to bchlib's (tests/test_ssba.py holds bchlib's bytes); `coding="raw"`
-uses the secret's UTF-8 bits instead. BackdoorBench then ships every train and test image encoded
-(`{dataset}_ssba_{train,test}_b1.npy`, N x H x W x 3 uint8) and swaps them in at poisoned indices.
-
-Two sources of poisoned images, exactly one per trigger:
-- the encoder (default): trained on the clean training images that BackdoorDataModule passes to the
-  `Trigger.fit` hook (standalone: call `fit(x_train)`, or name `dataset` to load its training split), cached on
-  disk per (training images, settings, seed); the secret does not enter training (random bit strings,
-  as in the reference), so one encoder serves every secret. Resolved lazily (first use or `record()`),
-  so the record the DataModule hashes is stable and a checkpoint's record rebuilds without retraining.
-  `epochs=0` keeps the seeded, untrained encoder (cheap, for tests).
-- `arrays`: user files in BackdoorBench's layout ("dir/cifar10_ssba_{split}_b1.npy"). They are per index,
-  triggers are per image: the trigger looks each input image up by content (a hash of its clean pixels
-  over the train and test splits of `dataset` in `data_dir`, which must be in the arrays' order, e.g.
-  torchvision's for CIFAR-10), and checks every looked-up pair is close (PSNR >= 15 dB) to catch a wrong
-  order. No change to the DataModule is needed; the record stores the files' sha256, not the pixels, so
-  rebuilding a run needs the files (and refuses changed ones).
-Differences from the reference: the network details listed in datamodules/ssba_encoder.py; poisoned
-images are the encoder's output rounded to uint8 (the reference writes PNGs, also uint8).
-Defaults (GPU, CIFAR-10/GTSRB 32 px, Tiny-ImageNet 64 px): the reference's, above (CIFAR-10: 15,640 steps;
-not timed here, no GPU was available). Digits on CPU (configs/attack/ssba.yaml's comment): 50 bits, width 8,
-residual mode, Adam 2e-3, 16 epochs of batch 32 (720 steps), L2 gate 0.75, ramp 200 steps.
-Cost, measured on 2 CPU cores shared with ~20 other busy processes (load average 18-24), so an upper bound:
-the digits encoder trains in 367 s (1 thread) and reaches 0.80 bit accuracy on 50 random bits and
-35.1 dB PSNR; once cached, resolving it takes 0.6 s and encoding is one U-Net pass per image. On 2 idle cores
-(benchmarks/README.md): the digits setting trains in 14 s (bit accuracy 0.80, 35.3 dB); the same setting for 2
-epochs on CIFAR-10 (3,126 steps) in 61 s (0.85, 32.8 dB), and a SmallCNN victim then reaches ASR 0.963 at ACC
-0.756 (clean 0.775) in 20 epochs; digits 100 epochs: ASR 1.000, ACC 0.997.
+s is the reference's: "abcd" padded to 7 bytes + its BCH code (GF(2^7), polynomial 137, t = 5) + 4 zero bits =
+100 bits, bit-identical to bchlib's (tests/test_ssba.py); `coding="raw"` uses the secret's UTF-8 bits.
+Exactly one source: the encoder (default; trained by datamodules/ssba_encoder.py on the clean training images
+passed to `Trigger.fit`, cached, resolved lazily; `epochs=0` keeps it untrained for tests), or `arrays`:
+BackdoorBench's per-index files, looked up by a hash of each clean image and checked (PSNR >= 15 dB).
+Differs from the reference (docs/fidelity.md, "SSBA"): our encoder's network details (ssba_encoder.py); outputs
+rounded to uint8 (the reference writes PNGs, also uint8).
+Defaults: the reference's on CIFAR-10/GTSRB/Tiny-ImageNet; the CPU digits setting: configs/attack/ssba.yaml.
+Cost: one U-Net fwd per image to poison, after training the encoder once; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -47,7 +23,12 @@ import torch
 from torch import Tensor
 
 from datamodules.datasets import get_dataset
-from datamodules.ssba_encoder import ENCODER_CACHE, StegaStampEncoder, cached_stegastamp, psnr
+from datamodules.ssba_encoder import (
+    ENCODER_CACHE,
+    StegaStampEncoder,
+    cached_stegastamp,
+    psnr,
+)
 from datamodules.triggers.base import Trigger, check_images, to_uint8
 
 Coding = Literal["bch", "raw"]
@@ -144,6 +125,7 @@ class SSBA(Trigger):
         seed: initialisation, shuffling and training bit strings.
         arrays: BackdoorBench-layout poisoned copies, a path with "{split}" (train/test); replaces the encoder.
     """
+    dynamic = True  # the trigger depends on the image
 
     def __init__(
         self, secret: str = "abcd", bits: int = 100, coding: Coding = "bch", dataset: str | None = None,

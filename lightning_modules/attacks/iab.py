@@ -1,45 +1,15 @@
 """IAB: the input-aware dynamic backdoor (Nguyen & Tran, "Input-Aware Dynamic Backdoor Attack", NeurIPS 2020).
 
-The attacker trains, besides the classifier C, a pattern generator G and a mask network M (the trigger,
-datamodules/triggers/iab.py), so that x + (G(x) - x) * M(x) flips C to the target class while a trigger made
-for one image does nothing on another. Two stages, by epoch:
-1. `mask_epochs` (25) epochs train M alone: 100 * mean(relu(m - 0.032)) (masks cover ~3% of the image) plus
-   the diversity loss on masks; Adam lr 0.01, betas (0.5, 0.9), lr x0.1 after epochs 10 and 20. M is then
-   frozen (eval mode: BatchNorm running statistics).
-2. The remaining epochs (max_epochs - mask_epochs) train C (SGD 0.01, momentum 0.9, wd 5e-4) and G (Adam
-   0.01, betas (0.5, 0.9)) together. Per batch, after the regular per-image augmentation (crop pad 4,
-   CIFAR-10 flip): int(p*B) backdoor samples with the attack label, int(p*B) cross samples that get another
-   image's pattern and mask and keep their true label, the rest clean; loss = CE + lambda_div * diversity.
-   C's milestones start at 100 and G's at 200 stage-2 epochs (BackdoorBench), so both lrs stay constant.
-
-Diversity loss (the reference's, lambda_div = 1, epsilon = 1e-7): mean over pairs of
-    rms(x1 - x2) / (rms(p1 - p2) + 1e-7),  rms(d) = sqrt(mean over C, H, W of d^2),
-with the images, and in stage 2 the patterns, in the dataset-normalised space the reference's tensors
-live in (masks stay on 0..1, as in the reference), so its balance against the mask and CE losses is the
-reference's. A 1e-12 under the square root keeps the gradient finite for identical masks.
-
-Differences from the reference (BackdoorBench's inputaware.py) and why:
-- the second image of each pair is the batch rolled by B // 2 (another random image, the loader shuffles),
-  not a batch from a second shuffled loader: half the data loading, same distribution; G and M run once on
-  the backdoor and cross-source images together (BatchNorm statistics over 2n instead of n images).
-- G's gradients are zeroed every step; the reference only zeroes C's, so G's gradients accumulate over the
-  whole run (a bug, which the survey's models carry: `accumulate_generator_grads: true` reproduces it, and the
-  survey profile, configs/attack/survey/iab.yaml, sets it).
-- the classifier is trained on float backdoor images; evaluation triggers uint8 images (rounded; <= 0.5/255).
-- BackdoorBench's random poisoning of batches below one poisoned sample (p * B < 1) is not reproduced:
-  such ratios poison nothing (int(p*B) = 0), as the base class defines.
+Trains a pattern generator G and mask network M (datamodules/triggers/iab.py) with the classifier C: `mask_epochs`
+train M alone (mask size + diversity loss), then C and G train together on backdoor, cross and clean samples with
+CE + the reference's diversity loss (in normalised space, as the reference).
+Differs from the reference (BackdoorBench's inputaware.py; docs/fidelity.md, "IAB"): pair partners from one batch
+roll, G and M on 2n images at once; G's gradients zeroed each step (`accumulate_generator_grads: true` = the
+survey's bug, set by configs/attack/survey/iab.yaml); float training, uint8 evaluation; p B < 1 poisons nothing.
 Under DDP, stage 1 leaves C and G without gradients: use `strategy: ddp_find_unused_parameters_true`.
-
-Measured on digits (SmallCNN width 16, batch 128, seed 0, configs/attack/iab.yaml with mask_epochs 5 and
-mask_milestones [2, 4], 20 epochs in all, 991 s on 2 CPU cores shared with other jobs): ACC 0.914, ASR 0.158,
-RA 0.706. Not converged: 15 stage-2 epochs of 12 batches; the training ASR of the backdoor samples stayed
-0.65-0.95 while the cross samples' accuracy was still climbing (0.09 -> 0.50), and validation ASR swung
-between 0.12 and 0.96. The masks covered 10% of the pixels after 5 mask epochs (60 steps; the reference's
-25 epochs are ~9,800 CIFAR-10 steps). The generator and mask nets (width 32) make an epoch ~4x victim training.
-The protocol's 100 epochs on digits (25 mask + 75): ACC 0.994 / ASR 0.845 (clean recipe, nothing poisoned: 0.994).
-CIFAR-10 (5 mask + 20 classifier epochs, 1,191 s on 2 idle cores): ACC 0.720 / ASR 0.662 / RA 0.291, against
-0.734 for the same recipe with nothing poisoned; training ASR 0.78 and cross accuracy 0.46 at the end, still
-climbing (benchmarks/README.md).
+Defaults: configs/attack/iab.yaml.
+Cost: per sample per epoch C 1 fwd + 1 bwd plus G and M (~4x victim training per epoch);
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -52,12 +22,11 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from core.backbones import PreActResNet18
+from core.optim import Schedule, sgd_with_schedule
 from datamodules.transforms import to_unit
-from datamodules.triggers.iab import IAB as InputAwareTrigger
-from datamodules.triggers.iab import apply_iab
+from datamodules.triggers.iab import IABTrigger, apply_iab
 from lightning_modules.attacks.base import TrainingControlledAttack
-from lightning_modules.backbones import PreActResNet18
-from lightning_modules.optim import Schedule, sgd_with_schedule
 
 EPSILON = 1e-7  # the reference's, in the diversity ratio's denominator
 ADAM_BETAS = (0.5, 0.9)
@@ -75,10 +44,9 @@ def diversity_loss(x1: Tensor, x2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
 
 class IAB(TrainingControlledAttack):
     """Args:
-        backbone, lr, momentum, weight_decay, nesterov, augment, channels_last: the classifier C and its SGD
-            (see VictimTraining).
-        schedule, milestones, gamma: C's schedule, stepped once per stage-2 epoch (the reference's multistep
-            at 100, 200, 300, 400: constant within 100 epochs; a cosine spans the stage-2 epochs).
+        backbone: the classifier C's network class, called with `num_classes`.
+        schedule, milestones: C's schedule, stepped once per stage-2 epoch (the reference's multistep at 100, 200,
+            300, 400, x gamma: constant within 100 epochs; a cosine spans the stage-2 epochs).
         mask_epochs: length of stage 1 (M alone); the rest of trainer.max_epochs is stage 2.
         mask_lr, mask_milestones: M's Adam lr and its x`gamma` epochs within stage 1.
         mask_density: the mask coverage above which the norm loss penalises (0.032 of the pixels).
@@ -86,20 +54,17 @@ class IAB(TrainingControlledAttack):
         generator_lr, generator_milestones: G's Adam lr and its x`gamma` stage-2 epochs.
         lambda_div: weight of the diversity loss (both stages).
         trigger_width, trigger_seed: G's and M's first-stage channels (32) and initial-weight seed.
+        accumulate_generator_grads: never zero G's gradients, as the reference (configs/attack/survey/iab.yaml).
+        **kwargs: TrainingControlledAttack's and VictimTraining's other arguments: C's SGD (lr, momentum,
+            weight_decay, nesterov), gamma (all three schedules), augment, channels_last, poison_ratio (at most
+            0.5), target, mode, dataset.
     """
 
     def __init__(
         self,
         backbone: Callable[[int], nn.Module] = PreActResNet18,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        nesterov: bool = False,
         schedule: Schedule = "multistep",
         milestones: tuple[int, ...] = (100, 200, 300, 400),
-        gamma: float = 0.1,
-        augment: bool = True,
-        channels_last: bool = True,
         mask_epochs: int = 25,
         mask_lr: float = 0.01,
         mask_milestones: tuple[int, ...] = (10, 20),
@@ -111,9 +76,12 @@ class IAB(TrainingControlledAttack):
         trigger_width: int = 32,
         trigger_seed: int = 0,
         accumulate_generator_grads: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(backbone, lr, momentum, weight_decay, nesterov, schedule, list(milestones), gamma,
-                         augment, channels_last)
+        super().__init__(backbone=backbone, schedule=schedule, milestones=list(milestones), **kwargs)
+        if self.poison_ratio > 0.5:
+            raise ValueError(f"IAB turns int(p*B) samples of each batch into backdoor and as many into cross "
+                             f"samples, so poison_ratio must be <= 0.5; got {self.poison_ratio}")
         if mask_epochs < 0:
             raise ValueError(f"mask_epochs must be >= 0 (epochs of mask training), got {mask_epochs}")
         if mask_lr <= 0 or generator_lr <= 0:
@@ -123,7 +91,7 @@ class IAB(TrainingControlledAttack):
         if lambda_norm < 0 or lambda_div < 0:
             raise ValueError(f"loss weights must be >= 0, got lambda_norm {lambda_norm}, lambda_div {lambda_div}")
         self.automatic_optimization = False  # three optimisers, two stages
-        self.trigger = InputAwareTrigger(width=trigger_width, seed=trigger_seed)
+        self.trigger = IABTrigger(width=trigger_width, seed=trigger_seed)
 
     @property
     def in_mask_stage(self) -> bool:
@@ -131,9 +99,6 @@ class IAB(TrainingControlledAttack):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.poison_ratio > 0.5:
-            raise ValueError(f"IAB turns int(p*B) samples of each batch into backdoor and as many into cross "
-                             f"samples, so poison_ratio must be <= 0.5; got {self.poison_ratio}")
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         if stage == "fit" and max_epochs is not None and 0 < max_epochs <= self.hparams.mask_epochs:
             rank_zero_warn(f"IAB: max_epochs {max_epochs} <= mask_epochs {self.hparams.mask_epochs}: the run "
@@ -229,12 +194,6 @@ class IAB(TrainingControlledAttack):
         return [opt_c, opt_g, opt_m], [sched_c, sched_g, sched_m]
 
     def attack_settings(self) -> dict[str, Any]:
-        h = self.hparams
-        return {
-            "mask_epochs": h.mask_epochs, "mask_lr": h.mask_lr, "mask_milestones": list(h.mask_milestones),
-            "mask_density": h.mask_density, "lambda_norm": h.lambda_norm,
-            "generator_lr": h.generator_lr, "generator_milestones": list(h.generator_milestones),
-            "lambda_div": h.lambda_div, "epsilon": EPSILON, "cross_ratio": 1.0,
-            "diversity_space": "dataset-normalised images and patterns, 0..1 masks",
-            "network_input": "pixels scaled to [-1, 1]",
-        }
+        return {**super().attack_settings(), "epsilon": EPSILON, "cross_ratio": 1.0,
+                "diversity_space": "dataset-normalised images and patterns, 0..1 masks",
+                "network_input": "pixels scaled to [-1, 1]"}

@@ -1,47 +1,15 @@
 """LIRA (Doan et al., "LIRA: Learnable, Imperceptible and Robust Backdoor Attacks", ICCV 2021), outsourced
 training. Optional in the survey, which dropped it for poor performance.
 
-The trigger is a learned autoencoder g whose output, times eps = 0.01 in normalised units, is added to the
-image (datamodules/triggers/lira.py: below one grey level in pixels, a known weakness of the reference). Two
-stages, by epoch (manual optimisation, three optimisers):
-1. `joint_epochs` (CIFAR-10: 50) joint epochs. Per batch, after the reference's batch augmentation (random
-   crop pad 5, rotation +-10 degrees, CIFAR-10 flip; one draw per batch, no per-image augmentation):
-   a. the generator step: a trainable copy g' of the generator takes one Adam step (lr 1e-4) on
-      CE(C(x + eps g'(x)), target) over the poisoned images, the classifier C fixed;
-   b. the classifier step: SGD (lr 0.01, momentum 0.9, no weight decay, constant lr) on
-      alpha CE(C(x), y) + (1 - alpha) CE(C(x + eps g(x)), target), alpha = 0.5, with g the trigger's
-      generator, which is set to g' at the end of every epoch (the reference's atkmodel / tgtmodel pair).
-2. the remaining max_epochs - joint_epochs epochs fine-tune C alone on the same loss with g frozen: a fresh
-   SGD (lr 0.01, momentum 0.9, wd 5e-4) with MultiStep x0.1 at [50, 100, 150, 200] stage-2 epochs (constant
-   over the reference's 50). The checkpoint holds this fine-tuned classifier (BackdoorBench saves the stage-1
-   classifier instead) and, in the backdoor record, the trigger with g's weights.
-Poisoned images per batch: int(p * B) of them get a backdoor copy; the reference poisons a copy of every
-image, which configs/attack/lira.yaml reproduces with data.init_args.poison_ratio 1.0.
-
-Differs from the reference (BackdoorBench's attack/lira.py) and why:
-- the classifier's gradients are zeroed before its step; BackdoorBench leaves the generator step's
-  gradients in them (the classifier then also descends CE(C(x + eps g'(x)), target)), unlike the paper's loss.
-- pixels: the attack works on 0..1 pixels and normalises inside the network; the perturbation is the
-  reference's (normalised units, see the trigger) and each channel is clipped to its own valid range.
-- training uses the unrounded perturbation, as the reference; evaluation triggers uint8 images (rounded).
-- the augmentation pads with the dataset's mean colour (0 in the reference's normalised space) and rotates
-  with nearest-neighbour sampling, as the other training-controlled attacks here (batch_augment.py).
-- `one_forward` (off by default) classifies the clean batch and its backdoor copies in one pass, so they
-  share BatchNorm batch statistics; tried on digits, it did not help (below).
-Measured (digits, SmallCNN width 16, batch 128, 15 joint + 15 fine-tuning epochs, seed 0, test set; clean
-training reaches ACC 0.989; 2 CPU cores shared with ~20 other jobs, ~11-25 min per run there):
-    eps 0.01 (default)                     ACC 0.301  ASR 0.994  (predicts the target for most images)
-    eps 0.01, one_forward                  ACC 0.100  ASR 1.000
-    eps 0.1                                ACC 0.540  ASR 1.000
-    eps 0.1, generator_lr 1e-3             ACC 0.967  ASR 1.000  RA 0.000
-    eps 0.1, generator_lr 1e-3, one_forward ACC 0.891  ASR 1.000
-At eps 0.01 the backdoor copy differs from its clean image by < 0.83 grey levels (digits' std 0.324), and
-12 batches per digits epoch give the generator (Adam 1e-4) too few steps to make that separable: the
-classifier trades clean accuracy for the backdoor. The protocol's 100 epochs on digits (50 + 50, ratio 1.0):
-ACC 0.682 / ASR 0.926 (the same recipe with nothing poisoned: 0.986). CIFAR-10 (10 joint + 10 fine-tuning
-epochs, 636 s on 2 idle cores): ACC 0.478 / ASR 0.343 / RA 0.466 (same recipe, nothing poisoned: 0.704); the
-training poison loss fell to 0.004, so the float trigger is learned, but it is < 1 grey level and mostly
-rounds away in the uint8 backdoor test images (benchmarks/README.md).
+Stage 1 (`joint_epochs`): per batch a trainable generator copy g' takes an Adam step towards the target, then the
+classifier an SGD step on alpha CE(clean) + (1 - alpha) CE(x + eps g(x), target); g <- g' each epoch. Stage 2
+fine-tunes the classifier alone with g frozen; the checkpoint holds that classifier (manual optimisation).
+Pitfall: eps 0.01 (normalised units) is below one grey level, so the uint8 backdoor test images lose most of it.
+Differs from the reference (BackdoorBench's lira.py; docs/fidelity.md, "LIRA"): classifier gradients zeroed before
+its step; the fine-tuned classifier saved; per-channel clipping in pixel space; mean-colour padding.
+Defaults: configs/attack/lira.yaml (poison_ratio 1.0 = the reference's copy of every image).
+Cost: per sample per epoch, stage 1 about 3 fwd + 2 bwd (generator and classifier steps), stage 2 2 fwd + 1 bwd;
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -55,15 +23,19 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from core.backbones import PreActResNet18
+from datamodules.poisoning import Mode
 from datamodules.transforms import to_unit
-from datamodules.triggers.lira import LIRA as LIRATrigger
+from datamodules.triggers.lira import LIRATrigger
 from lightning_modules.attacks.base import TrainingControlledAttack
-from lightning_modules.attacks.batch_augment import PostPoisonAugment, warn_if_unpoisoned
-from lightning_modules.backbones import PreActResNet18
+from lightning_modules.attacks.batch_augment import PostPoisonAugment
 
 
 class LIRA(TrainingControlledAttack):
-    """Args:
+    """Its classifier recipe is fixed (no nesterov, schedule or milestones), so unlike the other attacks it lists
+    every argument rather than passing VictimTraining's on as **kwargs.
+
+    Args:
         backbone: the classifier's network class, called with `num_classes`.
         lr, momentum: SGD of the classifier in both stages.
         weight_decay: the fine-tuning stage's weight decay (the joint stage uses `joint_weight_decay`).
@@ -79,6 +51,7 @@ class LIRA(TrainingControlledAttack):
         one_forward: classify the clean batch and its backdoor copies in one forward pass (one set of
             BatchNorm batch statistics); False: two passes, as the reference.
         channels_last: NHWC memory format.
+        poison_ratio, target, mode: the poisoning (see TrainingControlledAttack); dataset: see VictimTraining.
     """
 
     def __init__(
@@ -99,9 +72,15 @@ class LIRA(TrainingControlledAttack):
         same_on_batch: bool = True,
         one_forward: bool = False,
         channels_last: bool = True,
+        poison_ratio: float = 0.1,
+        target: int = 0,
+        mode: Mode = "all_to_one",
+        dataset: str | None = None,
     ) -> None:
-        super().__init__(backbone, lr, momentum, weight_decay, False, "multistep", list(finetune_milestones), gamma,
-                         augment, channels_last)
+        super().__init__(poison_ratio=poison_ratio, target=target, mode=mode, backbone=backbone, lr=lr,
+                         momentum=momentum, weight_decay=weight_decay, nesterov=False, schedule="multistep",
+                         milestones=list(finetune_milestones), gamma=gamma, augment=augment,
+                         channels_last=channels_last, dataset=dataset)
         if joint_epochs < 0:
             raise ValueError(f"LIRA joint_epochs (stage-1 epochs) must be >= 0, got {joint_epochs}")
         if not 0.0 <= alpha <= 1.0:
@@ -127,7 +106,6 @@ class LIRA(TrainingControlledAttack):
         self.post_augment = PostPoisonAugment(
             crop_padding=5, crop_p=1.0, rotation=10.0, rotation_p=1.0, hflip=self.spec.hflip,
             fill=tuple(255.0 * m for m in self.spec.mean), same_on_batch=self.same_on_batch)
-        warn_if_unpoisoned(self, self.datamodule_of(self).batch_size)
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         if stage == "fit" and max_epochs is not None and 0 < max_epochs <= self.hparams.joint_epochs:
             rank_zero_warn(f"LIRA: max_epochs {max_epochs} <= joint_epochs {self.hparams.joint_epochs}: no "
@@ -190,9 +168,5 @@ class LIRA(TrainingControlledAttack):
         return [opt_joint, opt_gen, opt_finetune], [sched]
 
     def attack_settings(self) -> dict[str, Any]:
-        h = self.hparams
-        return {"eps": self.trigger.eps, "alpha": self.alpha, "generator_lr": h.generator_lr,
-                "joint_epochs": h.joint_epochs, "joint_weight_decay": h.joint_weight_decay,
-                "finetune_milestones": list(h.finetune_milestones), "gamma": h.gamma,
-                "augment": self.use_augment, "same_on_batch": self.same_on_batch, "one_forward": self.one_forward,
-                "eps_space": "normalised (x - mean) / std", "saved_classifier": "fine-tuned (stage 2)"}
+        return {**super().attack_settings(), "eps_space": "normalised (x - mean) / std",
+                "saved_classifier": "fine-tuned (stage 2)"}

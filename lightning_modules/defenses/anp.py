@@ -1,33 +1,15 @@
-"""ANP: adversarial neuron perturbation (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep
-Models", NeurIPS 2021), as the survey's fork of BackdoorBench runs it.
+"""ANP: adversarial neuron pruning (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models",
+NeurIPS 2021), as the survey's fork of BackdoorBench runs it.
 
-Backdoor neurons are those whose small perturbation most easily breaks the model. Every BatchNorm2d channel
-gets a mask m in [0, 1] (from 1) and, per batch, multiplicative noise xi on its weight and bias:
-    min_m  a * CE(D_m; m * w, b) + (1 - a) * max_{|xi| <= eps} CE(D_m; (m + xi_w) * w, (1 + xi_b) * b)
-The inner max starts from xi ~ U[-eps, eps] and takes one signed-gradient ascent step of size eps (not clipped
-back, as in the reference); the outer step is SGD on m, clipped to [0, 1]. The masks train with the network in
-train mode (batch BN statistics). Then neurons with m <= t are pruned: BN weight zeroed, bias kept (as the
-reference's `pruning`), so the pruning lives in the weights and survives save/reload.
-
-How it maps onto Lightning: the mask optimisation is this module's training loop (manual optimisation, one
-noise step and one mask step per batch); the datamodule draws `samples_per_epoch` D_m images *with
-replacement* per epoch and `trainer.max_steps` counts the iterations (configs/defense/anp.yaml: 2,000 batches of
-256, 500 per epoch as the fork's print_every). The forward passes update the BN running statistics; they are
-restored afterwards (the reference prunes a fresh copy of the original model). `finish()` picks t and prunes.
-
-Differences from the reference, and why:
-- t is chosen on D_v only: the largest t in 0, 0.05, ..., 0.9 whose pruned model's D_v accuracy drops by less
-  than 10% (relative) from the *unpruned model's D_v accuracy*; if none does, nothing is pruned (the fork keeps
-  the unpruned model too). BackdoorBench picks by test ASR (an oracle); the fork compares D_v accuracy with the
-  unpruned model's *test* accuracy (a bug). The original fixes t = 0.2: `threshold: 0.2` reproduces that.
-- D_v accuracy is measured without augmentation (the fork augments D_v, which makes the choice random).
-- The fork's rule is symmetric: |acc - acc0| / acc0 < 10%, so a threshold whose D_v accuracy *rises* by 10% or
-  more is refused too; we refuse drops only (the spec's rule); `symmetric_drop: true` reproduces the fork.
-- Mask lr 0.01 (BackdoorBench and the fork); the original ANP uses 0.2 (and batch 128).
-Defaults: eps 0.4, 1 noise step, a 0.2, mask SGD lr 0.01 momentum 0.9, 2,000 iterations of batch 256 drawn with
-replacement from D_m minus D_v (val_fraction 0.1), thresholds 0..0.9 step 0.05, D_v drop < 10%.
-Cost (2 CPU cores shared with other jobs, digits SPC 10, SmallCNN width 32): 2,000 iterations ~ 1 s each,
-about 35 min; the mask phase is 3 forward and 2 backward passes per batch (2 x FT's cost per step).
+Masks m in [0, 1] on every BN neuron are trained against adversarial multiplicative noise (eps) on the BN weights
+(manual optimisation, one noise step + one mask step per batch); `finish()` zeroes the BN weight of neurons with
+m <= t, so the pruning lives in the weights. BN running statistics are restored after the mask phase.
+Differs from the reference (details: docs/fidelity.md, "ANP"):
+- t is chosen on un-augmented D_v against the unpruned model's D_v accuracy (the fork: against test accuracy);
+- a drop, not a change either way, refuses a threshold (`symmetric_drop: true` = the fork);
+- mask lr 0.01 as the fork (the original ANP: 0.2); `threshold: 0.2` reproduces the original's fixed t.
+Defaults: configs/defense/anp.yaml (2,000 iterations of 256 drawn with replacement from D_m minus D_v).
+Cost: 3 fwd + 2 bwd per sample per iteration (2x FT's step); measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -37,10 +19,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.pruning import bn_layers, mask_summary, masked_forward, prune_bn_channels
+from lightning_modules.defenses.pruning import (
+    BNMasks,
+    mask_summary,
+    masked_forward,
+    prune_bn_channels,
+)
 
 
 class ANP(Defense):
@@ -55,6 +42,9 @@ class ANP(Defense):
         symmetric_drop: refuse a relative change of max_acc_drop either way, a rise included (the survey's fork).
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
+
+    family = "pruning"
+    smoke_args = ["--trainer.max_steps", "2", "--data.samples_per_epoch", "256"]
 
     def __init__(
         self,
@@ -73,7 +63,7 @@ class ANP(Defense):
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
-        for name, value, ok, rule in (
+        self.check(
             ("eps", eps, eps >= 0, ">= 0"), ("noise_steps", noise_steps, noise_steps >= 1, ">= 1"),
             ("alpha", alpha, 0 <= alpha <= 1, "in [0, 1]"), ("lr", lr, lr > 0, "> 0"),
             ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
@@ -81,24 +71,19 @@ class ANP(Defense):
             ("threshold_max", threshold_max, 0 <= threshold_max < 1, "in [0, 1)"),
             ("threshold_step", threshold_step, threshold_step > 0, "> 0"),
             ("max_acc_drop", max_acc_drop, 0 < max_acc_drop <= 1, "in (0, 1]"),
-        ):
-            if not ok:
-                raise ValueError(f"ANP: {name}={value!r}, expected {rule}; fix model.init_args.{name}")
+        )
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        layers = bn_layers(self.net)
-        if not layers:
-            raise ValueError(f"ANP masks BatchNorm2d channels, and {type(self.net).__name__} has none")
-        self.bn_names = [name for name, _ in layers]
         # the learned masks (kept in the checkpoint for the record; the defended forward does not use them)
-        self.neuron_masks = nn.ParameterList(nn.Parameter(torch.ones_like(bn.weight)) for _, bn in layers)
+        self.neuron_masks = BNMasks(self.net, "ANP")
+        self.bn_names = self.neuron_masks.names
         self.net.requires_grad_(False)  # ANP learns the masks only
         self._bn_buffers: dict[str, Tensor] = {}
         self._facts: dict[str, Any] = {}
 
     def masks(self) -> dict[str, Tensor]:
-        return dict(zip(self.bn_names, self.neuron_masks))
+        return self.neuron_masks.as_dict()
 
     def thresholds(self) -> list[float]:
         h = self.hparams

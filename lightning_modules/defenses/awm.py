@@ -1,32 +1,15 @@
 """AWM: adversarial weight masking (Chai & Chen, "One-shot Neural Backdoor Erasing via Adversarial Weight
 Masking", NeurIPS 2022), in the version of the survey's fork of BackdoorBench.
 
-A soft mask m in [0, 1] (from 1) scales the weight of every BatchNorm2d channel (bias untouched), the network
-in eval mode (running BN statistics). Each epoch:
-1. fit one universal input perturbation delta (1 x C x H x W, from zero): one SGD step (lr 10) per batch of D_m
-   ascending CE(masked net(x + delta), the masked net's own predictions on x), then scale it to
-   ||delta||_1 <= 1000;
-2. one pass of mask steps on D_m:
-   min_m 0.9 * CE(x; m * theta) + 0.1 * CE(clip(x + delta); m * theta) + 1e-8 * ||m||_1,
-   SGD lr 0.01 without momentum, masks clipped to [0, 1] after each step, ExponentialLR 0.9 per epoch.
-After 20 epochs the masks are baked into the BN weights (w * m), so the defended model is the plain backbone:
-it survives save/reload with no extra state. No binarisation, no pruning threshold.
-
-How it maps onto Lightning: step 2 is this module's training loop (manual optimisation over the datamodule's
-D_m batches, scheduler stepped per epoch); step 1 is a hand-written pass over D_m in `on_train_epoch_start`.
-
-Differences from the fork, and why:
-- delta lives in the network's input space (normalised units), as in the fork, so the step (lr 10) and the
-  L1 budget (1000) mean what they meant there; but x + delta is clipped to valid *pixels* [0, 1] (i.e. the
-  normalised image of [0, 1] per channel). The fork clamps the normalised input to [0, 1], which cuts off every
-  below-mean pixel: a bug on every dataset with a normalisation (CIFAR-10, Tiny-ImageNet), harmless on GTSRB.
-  As in the fork, step 1 does not clip x + delta.
-- The original AWM differs more: element-wise masks on every conv weight, Adam lr 0.01, 5 inner epochs per
-  round, no lr decay, 500 clean images in [0, 1]; the survey evaluated the fork's version, which this is.
-Defaults: 20 epochs (trainer.max_epochs), batch 256, alpha 0.9, L1 weight 1e-8, mask lr 0.01 decayed x0.9 per
-epoch, delta lr 10, ||delta||_1 <= 1000.
-Cost: per epoch 2 passes over D_m (step 1: 2 forward + 1 backward per batch; step 2: 1 forward of 2 batches +
-1 backward); digits SPC 10 (100 images), SmallCNN width 32, 2 CPU cores shared with other jobs: ~1.5 s/epoch.
+Each epoch fits one universal input perturbation delta on D_m (`on_train_epoch_start`), then trains soft masks on
+the BN weights against clean and delta-shifted D_m (manual optimisation, network in eval mode); after the last
+epoch the masks are baked into the BN weights, so the defended model is the plain backbone.
+Differs from the fork (details: docs/fidelity.md, "AWM"):
+- x + delta is clamped to valid pixels, not to [0, 1] in normalised space (a bug there);
+- the original AWM (element-wise conv masks, Adam, 500 images) is not what the survey ran, nor is it here.
+Defaults: configs/defense/awm.yaml.
+Cost: 4 fwd + 2 bwd per D_m sample per epoch (delta pass 2 fwd + 1 bwd, mask pass 2 fwd + 1 bwd);
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -35,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.pruning import bn_layers, mask_summary, masked_forward
+from lightning_modules.defenses.pruning import BNMasks, mask_summary, masked_forward
 
 
 class AWM(Defense):
@@ -51,6 +34,9 @@ class AWM(Defense):
         delta_norm: L1 bound of the perturbation in network-input (normalised) units (the fork's trigger_norm).
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
+
+    family = "pruning"
+    smoke_args = ["--trainer.max_epochs", "2"]
 
     def __init__(
         self,
@@ -65,22 +51,17 @@ class AWM(Defense):
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
-        for name, value, ok, rule in (
+        self.check(
             ("lr", lr, lr > 0, "> 0"), ("lr_decay", lr_decay, 0 < lr_decay <= 1, "in (0, 1]"),
             ("alpha", alpha, 0 <= alpha <= 1, "in [0, 1]"), ("l1_weight", l1_weight, l1_weight >= 0, ">= 0"),
             ("delta_lr", delta_lr, delta_lr > 0, "> 0"), ("delta_norm", delta_norm, delta_norm > 0, "> 0"),
-        ):
-            if not ok:
-                raise ValueError(f"AWM: {name}={value!r}, expected {rule}; fix model.init_args.{name}")
+        )
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        layers = bn_layers(self.net)
-        if not layers:
-            raise ValueError(f"AWM masks BatchNorm2d channels, and {type(self.net).__name__} has none")
-        self.bn_names = [name for name, _ in layers]
         # the learned masks (kept in the checkpoint for the record; finish() bakes them into the BN weights)
-        self.neuron_masks = nn.ParameterList(nn.Parameter(torch.ones_like(bn.weight)) for _, bn in layers)
+        self.neuron_masks = BNMasks(self.net, "AWM")
+        self.bn_names = self.neuron_masks.names
         self.net.requires_grad_(False)  # AWM learns the masks only
         self.delta: Tensor | None = None  # this epoch's universal perturbation
         self._history: list[dict[str, float]] = []
@@ -88,7 +69,7 @@ class AWM(Defense):
         self._facts: dict[str, Any] = {}
 
     def masks(self) -> dict[str, Tensor]:
-        return dict(zip(self.bn_names, self.neuron_masks))
+        return self.neuron_masks.as_dict()
 
     def inputs(self, x: Tensor) -> Tensor:
         """Pixels -> the network's input (normalised, in the configured memory format)."""
@@ -117,7 +98,7 @@ class AWM(Defense):
         masks = {n: m.detach() for n, m in self.masks().items()}
         delta = torch.zeros(1, *x.shape[1:], device=self.device, requires_grad=True)
         with torch.enable_grad(), self.autocast():
-            for xb, _ in self.batches(x, y, self.mitigation.batch_size, shuffle=True, augment=True):
+            for xb, _ in self.batches(x, y, shuffle=True, augment=True):
                 z = self.inputs(xb)
                 with torch.no_grad():
                     own = masked_forward(self.net, z, masks).argmax(1)

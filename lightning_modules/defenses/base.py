@@ -20,34 +20,42 @@ choice must use D_m / D_v, which `self.mitigation` exposes), writes the result r
 from __future__ import annotations
 
 import copy
-import json
-import os
+import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from core.metrics import AttackSuccessRate, RecoveryAccuracy, arr, der, rdr, rir
 from datamodules.backdoor import CLEAN
+from datamodules.checkpoint import load_attacked
 from datamodules.mitigation import MitigationDataModule
-from datamodules.record import BACKDOOR_KEY
-from lightning_modules.checkpoint import load_attacked
+from datamodules.record import (
+    BACKDOOR_KEY,
+    DefenseResult,
+    defense_result,
+    plain,
+    training_seed,
+    write_json,
+)
 from lightning_modules.classifier import ImageClassifier
-from lightning_modules.metrics import AttackSuccessRate, RecoveryAccuracy, arr, der, rdr, rir
 
 DEFENSE_KEY = "defense"
 
 
 class Defense(ImageClassifier):
     """Args:
-        backdoored: the attacked checkpoint, e.g. runs/<attack run>/version_0/checkpoints/last.ckpt.
+        backdoored: the attacked checkpoint, e.g. runs/<attack run>/version_0/checkpoints/last.ckpt; or a
+            defended checkpoint of this defense, to restore it from that file alone (`load_defended` does; it
+            carries its attacked model's record, and its own weights replace those read here).
         result_file: where the result record is written; None: <run dir>/result.json.
         save_defended: save the defended model as <run dir>/checkpoints/last.ckpt at the end of fit.
         channels_last: NHWC memory format.
@@ -56,6 +64,16 @@ class Defense(ImageClassifier):
     # True when the defended model has parts outside `net` (NPD's polarizer, MM-BD's bounds): such a
     # checkpoint must be loaded with `load_defended`, not as a bare backbone.
     changes_architecture: ClassVar[bool] = False
+    # Registry metadata (core/registry.py), declared by every defense: the survey's family ("pruning" or
+    # "fine-tuning"), the name in tables and figures (None: the class name), and the fewest epochs / iterations
+    # that still run every phase of the method (the tests run each defense with these CLI arguments).
+    family: ClassVar[str]
+    display_name: ClassVar[str | None] = None
+    smoke_args: ClassVar[list[str]] = []
+    # True: the network stays in eval mode (running BN statistics, no dropout) whatever Lightning asks
+    freeze_bn: ClassVar[bool] = False
+    # True: after finish(), `self.dm_acc_after` holds the defended model's accuracy on D_m (for `info`)
+    measure_dm_acc: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -65,7 +83,7 @@ class Defense(ImageClassifier):
         channels_last: bool = True,
     ) -> None:
         super().__init__(channels_last=channels_last)
-        run = load_attacked(backdoored)
+        run = load_attacked(backdoored, restore=f"{type(self).__module__}.{type(self).__qualname__}")
         self.backdoored, self.result_file, self.save_defended = backdoored, result_file, save_defended
         self.backdoor_record = run.record
         self.bind_data(run.spec)
@@ -73,6 +91,12 @@ class Defense(ImageClassifier):
         self.result: dict[str, Any] | None = None
         self._before: dict[str, float] | None = None
         self._clock: dict[str, float] = {}
+        # frozen networks the method compares against (a teacher, the original model): not submodules, so never
+        # checkpointed nor trained; they follow the module's device
+        self.references: dict[str, nn.Module] = {}
+        self._epoch_sums: dict[str, Tensor] = {}
+        self._epoch_count = 0
+        self.dm_acc_after: float | None = None
 
     # -- what subclasses implement -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -93,12 +117,63 @@ class Defense(ImageClassifier):
         return None
 
     # -- helpers for subclasses ---------------------------------------------------------------------------
+    def check(self, *rules: tuple[str, Any, bool, str], finite: bool = False) -> None:
+        """Validate constructor arguments: each rule is (name, value, ok, what is expected). One ValueError names
+        every argument that fails, its value, the rule and the config key. `finite`: numbers must also be finite."""
+        bad = [(name, value, rule) for name, value, ok, rule in rules
+               if not ok or (finite and isinstance(value, (int, float)) and not math.isfinite(value))]
+        if bad:
+            config = f"configs/defense/{type(self).__module__.rsplit('.', 1)[-1]}.yaml"
+            raise ValueError(f"{type(self).__name__}: invalid "
+                             + "; ".join(f"{name}={value!r} (expected {rule})" for name, value, rule in bad)
+                             + f"; fix {', '.join(f'model.init_args.{name}' for name, _, _ in bad)} ({config})")
+
+    def reference(self, name: str, net: nn.Module) -> nn.Module:
+        """Hold `net` as reference `name` (`self.references[name]`) and return it."""
+        self.references[name] = net
+        return net
+
+    def track(self, n: int | None = None, **terms: Tensor) -> None:
+        """Add a batch's terms to this epoch's sums, on the device (no host sync per batch): batch means weighted by
+        the batch's n images, or with n None totals (counts) added as they are."""
+        for k, v in terms.items():
+            self._epoch_sums[k] = self._epoch_sums.get(k, 0) + (v.detach() if n is None else v.detach() * n)
+        self._epoch_count += n or 0
+
+    def epoch_sums(self) -> tuple[dict[str, Tensor], int]:
+        """This epoch's tracked sums and image count, then start afresh: call it once, in on_train_epoch_end."""
+        sums, count = self._epoch_sums, self._epoch_count
+        self._epoch_sums, self._epoch_count = {}, 0
+        return sums, count
+
+    def epoch_means(self) -> dict[str, float]:
+        """This epoch's tracked terms averaged over its images, then start afresh (once, in on_train_epoch_end)."""
+        sums, count = self.epoch_sums()
+        return {k: float(v) / max(1, count) for k, v in sums.items()}
+
+    def train(self, mode: bool = True) -> Defense:
+        super().train(mode)
+        if self.freeze_bn and self.net is not None:
+            self.net.eval()
+        return self
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Defense:
+        super()._apply(fn, *args, **kwargs)
+        for net in getattr(self, "references", {}).values():
+            net._apply(fn, *args, **kwargs)
+        return self
+
     @property
     def mitigation(self) -> MitigationDataModule:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if not isinstance(datamodule, MitigationDataModule):
             raise RuntimeError(f"{type(self).__name__} runs on a datamodules.MitigationDataModule (the defender's data)")
         return datamodule
+
+    @property
+    def batch_size(self) -> int:
+        """The defender's batch size (data.batch_size), for hand-written loops."""
+        return self.mitigation.batch_size
 
     def mitigation_data(self, part: str = "train") -> tuple[Tensor, Tensor]:
         """D_m minus D_v ("train") or D_v ("val") as uint8 images and labels, on this module's device."""
@@ -131,14 +206,40 @@ class Defense(ImageClassifier):
         return net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
 
     def batches(
-        self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool = False, augment: bool = False
+        self, x: Tensor, y: Tensor, batch_size: int | None = None, shuffle: bool = False, augment: bool = False
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Mini-batches of (x, y) for hand-written loops; `augment` applies the training augmentation."""
+        """Mini-batches of (x, y) for hand-written loops (batch_size None: data.batch_size); `augment` applies the
+        training augmentation."""
+        batch_size = batch_size or self.batch_size
         order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
             xb = x[idx]
             yield (self.augment(xb) if augment else xb), y[idx]
+
+    def finetune_epoch(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, ascent: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """One epoch of a hand-written fine-tuning loop outside Lightning's (NAD's teacher, RNP's unlearning): `model`
+        in train mode, cross-entropy on shuffled, augmented batches of (x, y) (`ascent`: its negative), one
+        `optimizer` step per batch, the forward in the Trainer's precision context. The backward is plain: the
+        optimizer is not the Trainer's, so float16 (which would need its loss scaler) is refused. Returns the
+        epoch's sum of batch loss x batch size and its correct predictions, on the device."""
+        self.refuse_float16("a hand-written fine-tuning loop")
+        model.train()
+        total = torch.zeros((), device=x.device)
+        correct = torch.zeros((), device=x.device)
+        with torch.enable_grad():
+            for xb, yb in self.batches(x, y, shuffle=True, augment=True):
+                with self.autocast():
+                    logits = self.classify(xb, model).float()
+                    loss = -F.cross_entropy(logits, yb) if ascent else F.cross_entropy(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(yb)
+                correct += (logits.detach().argmax(1) == yb).sum()
+        return total, correct
 
     @torch.no_grad()
     def accuracy(self, x: Tensor, y: Tensor, net: nn.Module | None = None, batch_size: int = 512) -> float:
@@ -168,6 +269,8 @@ class Defense(ImageClassifier):
 
     def on_fit_end(self) -> None:
         self.finish()
+        if self.measure_dm_acc:
+            self.dm_acc_after = self.accuracy(*self.mitigation_data("train"))
         self._clock["method_end"] = time.perf_counter()
         after = self.measure()
         self._clock["end"] = time.perf_counter()
@@ -213,41 +316,23 @@ class Defense(ImageClassifier):
         has_backdoor = self.backdoor_record["attack"] is not None
         return {k: float(m.compute()) if (k == "acc" or has_backdoor) else float("nan") for k, m in metrics.items()}
 
-    def result_record(self, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-        record, data = self.backdoor_record, self.mitigation
-        attack = record["attack"] or {}
-        return {
-            "attack": attack.get("name", "clean"),
-            "defense": type(self).__name__,
-            "dataset": self.spec.name,
-            "backbone": record["backbone"]["class_path"].rpartition(".")[2],
-            "poison_ratio": attack.get("poison_ratio"),
-            # how many training images the ratio poisoned (GTSRB / Tiny-ImageNet SIG read it over the target class)
-            "num_poisoned": len(attack["poison_indices"]) if attack.get("poison_indices") is not None else None,
-            "target": attack.get("target"),
-            **{k: data.record()[k] for k in ("spc", "ratio", "split_seed", "val_convention", "dm_source")},
-            "before": before,
-            "after": after,
-            "arr": arr(before["acc"], after["acc"]),
-            "rdr": rdr(before["acc"], after["ra"]),
-            "der": der(before["acc"], after["acc"], before["asr"], after["asr"]),
-            "rir": rir(before["acc"], after["acc"], before["ra"], after["ra"]),
-            "seconds": {
-                "defense": self._clock["method_end"] - self._clock["method_start"],
-                "total": self._clock["end"] - self._clock["start"],
-            },
-            "defense_info": self.info(),
-            "config": {
-                "model": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-                          "init_args": plain(dict(self.hparams))},
-                "data": plain(dict(data.hparams)) | {"record": data.record()},
-                "trainer": trainer_config(self.trainer),
-            },
-            "attacked_checkpoint": str(self.backdoored),
-            "attack_record": {k: v for k, v in attack.items() if k not in ("trigger", "poison_indices")},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"torch": str(torch.__version__), "lightning": str(L.__version__)},
-        }
+    def result_record(self, before: dict[str, float], after: dict[str, float]) -> DefenseResult:
+        data = self.mitigation
+        return defense_result(
+            self.backdoor_record, type(self).__name__, data.record(), before, after,
+            scores={"arr": arr(before["acc"], after["acc"]), "rdr": rdr(before["acc"], after["ra"]),
+                    "der": der(before["acc"], after["acc"], before["asr"], after["asr"]),
+                    "rir": rir(before["acc"], after["acc"], before["ra"], after["ra"])},
+            seconds={"defense": self._clock["method_end"] - self._clock["method_start"],
+                     "total": self._clock["end"] - self._clock["start"]},
+            defense_info=self.info(),
+            config={"model": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                              "init_args": plain(dict(self.hparams))},
+                    "data": plain(dict(data.hparams)) | {"record": data.record()},
+                    "trainer": trainer_config(self.trainer)},
+            attacked_checkpoint=str(self.backdoored),
+            seed=training_seed(),
+        )
 
     def result_path(self) -> Path:
         if self.result_file:
@@ -273,22 +358,6 @@ class Defense(ImageClassifier):
             hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
 
 
-def plain(obj: Any) -> Any:
-    """JSON-safe copy: tensors become lists (small) or a shape note (large), unknown objects their repr."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.tolist() if obj.numel() <= 64 else f"tensor{tuple(obj.shape)}"
-    if obj is None:
-        return None
-    for kind in (bool, int, float, str):  # exact builtins: subclasses (TorchVersion, numpy scalars) are unsafe to load
-        if isinstance(obj, kind):
-            return kind(obj)
-    return repr(obj)
-
-
 def trainer_config(trainer: L.Trainer) -> dict[str, Any]:
     return {
         "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
@@ -302,11 +371,3 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     flat |= {k: result[k] for k in ("arr", "rdr", "der", "rir")}
     flat["seconds/defense"] = result["seconds"]["defense"]
     return flat
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
-    os.replace(tmp, path)

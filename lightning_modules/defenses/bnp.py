@@ -1,41 +1,14 @@
 """BNP: pruning by pre-activation distributions (Zheng, Tang, Li, Liu, "Pre-activation Distributions Expose
 Backdoor Neurons", NeurIPS 2022).
 
-A backdoored network's BN running statistics were tracked on poisoned training data, so for backdoor
-neurons they sit away from the statistics of the same neuron's input on clean data. For every BatchNorm2d
-and channel, BNP computes KL(N(mu_c, var_c) || N(running_mean, running_var)), mu_c and var_c being the
-channel's pre-BN mean and variance on the clean set D_m, and within each layer prunes the channels with
-KL > mean + u * std of that layer's values (unbiased std, as torch.std in the reference) by zeroing their BN
-weight and bias: they then output exactly 0 and the pruning lives in the weights (no extra state, plain
-backbone checkpoint). No training: the config sets `trainer.max_epochs: 0`; all the work is `prepare()`.
-Defaults (configs/defense/bnp.yaml): u = 3 on CIFAR-10 and GTSRB, u = 4 on Tiny-ImageNet
-(configs/defense/tiny_imagenet/bnp.yaml).
-
-Choices and differences from the reference (BackdoorBench's bnp.py, which the survey's fork runs):
-- Which statistics (`statistics`). "all" (default): mu_c, var_c accumulated exactly over *all* of D_m (fed
-  with the training augmentation, as the fork does; network in eval mode, so each BN sees what it sees at
-  inference), merged batch by batch in float64. The fork keeps the statistics of the *last* batch of its
-  shuffled D_m loader only (all of D_m when SPC * K <= 256, e.g. CIFAR-10 at SPC <= 25, else a remainder
-  such as 232 of the 1,000 images at SPC 100): "last_batch" reproduces that. The original uses one clean
-  batch of 500. All of D_m is the most precise estimate the defender has, and equals the fork wherever D_m
-  fits one batch. BackdoorBench's use of a
-  batch of poisoned training data (a protocol breach) is not reproduced: only D_m is read.
-- Which log term. `log_term: kl` (default) is the textbook Gaussian KL,
-  0.5 * log(var_r / var_c) + (var_c + (mu_c - mu_r)^2) / (2 var_r) - 0.5, which is what the paper defines
-  and what the original repository computes (its log of the std ratio). BackdoorBench, and with it the
-  survey, writes log(var_r / var_c), twice the textbook term: a transcription slip that changes which
-  channels pass the threshold. `log_term: backdoorbench` reproduces it for comparisons with the survey.
-- Both variances include the BN's own eps (the variance the BN actually divides by), so a dead channel of
-  zero variance gives a finite KL instead of inf (which in the reference turns the layer's mean and std into
-  inf/nan and silently prunes nothing in that layer).
-- A layer whose KLs agree to 1e-6 relative (e.g. dead inputs, where every KL comes from the eps) prunes
-  nothing; the reference would prune on rounding noise there.
-- Variances are population variances over the N * H * W values of a channel (the reference's batch
-  variance over a 256-image batch differs by a factor of 1 + 1/(N H W - 1), which is immaterial).
-
-Cost: one forward pass over D_m plus per-channel arithmetic. 2 CPU cores, float32, digits (32 px),
-SPC 10 (100 images): SmallCNN(width 32) 0.05 s; untrained PreActResNet18 0.4 s, VGG19BN 0.5 s,
-EfficientNetB3 0.4 s, MobileNetV3Large 0.1 s (timing `prepare()`).
+Per BN channel, KL(N(mu_c, var_c) on clean D_m || N(running statistics)); channels with KL > mean + u * std of
+their layer get BN weight and bias zeroed. No training (`trainer.max_epochs: 0`): all the work is `prepare()`.
+Differs from the reference (details: docs/fidelity.md, "BNP"):
+- statistics over all of D_m (`statistics: last_batch` = the fork's last shuffled batch);
+- the textbook KL (`log_term: backdoorbench` = the reference's doubled log term);
+- the BN's eps in both variances, so a dead channel gives a finite KL; a layer of equal KLs prunes nothing.
+Defaults: configs/defense/bnp.yaml (u = 3; Tiny-ImageNet u = 4: configs/defense/tiny_imagenet/bnp.yaml).
+Cost: 1 fwd per D_m sample, no bwd; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -47,7 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.pruning import bn_layers, neuron_count, prune_bn_channels
+from lightning_modules.defenses.pruning import (
+    bn_layers,
+    neuron_count,
+    prune_bn_channels,
+)
 
 LogTerm = Literal["kl", "backdoorbench"]
 LOG_FACTOR: dict[str, float] = {"kl": 0.5, "backdoorbench": 1.0}
@@ -131,6 +108,9 @@ class BNP(Defense):
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
+    family = "pruning"
+    smoke_args = []
+
     def __init__(
         self,
         backdoored: str,
@@ -142,12 +122,11 @@ class BNP(Defense):
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
-        if not (u >= 0 and u < float("inf")):
-            raise ValueError(f"u must be a finite number >= 0 (3 on CIFAR-10/GTSRB, 4 on Tiny-ImageNet), got {u}")
-        if log_term not in LOG_FACTOR:
-            raise ValueError(f"log_term must be one of {sorted(LOG_FACTOR)}, got {log_term!r}")
-        if statistics not in ("all", "last_batch"):
-            raise ValueError(f"statistics must be 'all' or 'last_batch', got {statistics!r}")
+        self.check(
+            ("u", u, u >= 0 and u < float("inf"), "a finite number >= 0 (3 on CIFAR-10/GTSRB, 4 on Tiny-ImageNet)"),
+            ("log_term", log_term, log_term in LOG_FACTOR, f"one of {sorted(LOG_FACTOR)}"),
+            ("statistics", statistics, statistics in ("all", "last_batch"), "'all' or 'last_batch'"),
+        )
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         if not bn_layers(self.net):
@@ -163,7 +142,7 @@ class BNP(Defense):
             raise ValueError("BNP needs clean images: D_m is empty (check data.spc / data.ratio)")
         was_training = self.net.training
         self.net.eval()
-        batches = self.batches(x, y, self.mitigation.batch_size, shuffle=h.statistics == "last_batch", augment=h.augment)
+        batches = self.batches(x, y, shuffle=h.statistics == "last_batch", augment=h.augment)
         images = [xb for xb, _ in batches]
         if h.statistics == "last_batch":
             images = images[-1:]

@@ -1,31 +1,16 @@
-"""CLP: channel Lipschitzness-based pruning (Zheng, Zhang, Sun, Ma, ECCV 2022), data-free.
+"""CLP: channel Lipschitzness-based pruning (Zheng, Zhang, Sun, Ma, "Data-free Backdoor Removal based on Channel
+Lipschitzness", ECCV 2022). Data-free.
 
-For every conv channel k followed by a BatchNorm, the upper bound of its channel Lipschitz constant is
-UCLC_k = sigma_max(W_k reshaped to (C_in / groups, kh * kw)) * |gamma_k / sigma_k|, sigma_k = sqrt(running_var_k
-+ eps), i.e. the BN's actual divisor. Within each BN layer the channels with UCLC > mean + u * std (unbiased
-std, as torch.std in the reference) are pruned by zeroing their BN weight and bias: they then output exactly 0
-and the pruning lives in the weights (no extra state). u = 3 on every dataset (the survey's fork; BackdoorBench
-uses 5 on Tiny-ImageNet). No data at all: `prepare()` reads only the weights, and the config sets
-`trainer.max_epochs: 0`, so one run per attacked model serves every SPC and split.
-
-Which conv a BN belongs to (`conv_bn_pairs`): the last Conv2d before the BN in module order, skipping the
-convs named in `skip_convs[<backbone>]` (configs/defense/clp.yaml). Module order follows the data flow in
-every conv->BN net here (VGG19BN, EfficientNetB3, MobileNetV3Large, SmallCNN; tests/test_clp.py checks that
-against a torch.fx trace). In PreActResNet18 bn2 gets conv1 of its block and bn1, which normalises a residual
-sum, gets the previous block's conv2 (layer1.0.bn1 the stem conv1), as in the reference; the 1x1 shortcut
-convs are skipped, so the bn1 right after each downsampling block (layer2.1, layer3.1, layer4.1) gets
-layer<k>.0.conv2 where the reference wrongly takes layer<k>.0.shortcut.0. A BN with no conv before it is
-skipped and listed in `info()["unpaired"]`; a pair whose channel counts differ is a configuration error.
-
-Differences from the reference: sigma includes the BN's eps (the reference divides by sqrt(running_var),
-which is inf for a dead channel with zero variance: the layer's mean and std then become inf/nan and
-nothing in that layer is pruned; elsewhere the two agree to ~1e-5 relative); the downsampling pairing above;
-singular values batched over all channels of a layer (`torch.linalg.matrix_norm(ord=2)`), not one SVD per
-channel in a Python loop.
-
-Cost: a few hundred SVDs of small matrices. CPU time of `prepare()` on 2 CPU cores (untrained weights, 10
-classes): PreActResNet18 0.15 s, VGG19BN 0.18 s, EfficientNetB3 0.36 s, MobileNetV3Large 0.11 s, SmallCNN
-0.02 s (wall 0.1-2.6 s on a machine shared with other jobs, load average ~15).
+Per conv channel followed by a BN, UCLC_k = sigma_max(W_k) * |gamma_k / sigma_k|; channels above mean + u * std
+of their layer get BN weight and bias zeroed. Reads only the weights (`trainer.max_epochs: 0`). A BN is paired
+with the last Conv2d before it in module order, skipping the backbone's `layer_roles.skip_convs`
+(core/backbones/; `skip_convs` in the config); unpaired BNs are listed in `info()["unpaired"]`.
+Differs from the reference (details: docs/fidelity.md, "CLP"):
+- PreAct downsampling blocks: bn1 is paired with conv2, not the 1x1 shortcut conv (a bug there);
+- sigma includes the BN's eps (the reference gives inf/nan for a dead channel);
+- singular values batched per layer (`torch.linalg.matrix_norm(ord=2)`), not one SVD per channel.
+Defaults: configs/defense/clp.yaml (u = 3 on every dataset, as the fork).
+Cost: no fwd/bwd passes; one small SVD per channel; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -38,17 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.hooks import for_backbone
+from lightning_modules.defenses.hooks import layer_setting
 from lightning_modules.defenses.pruning import neuron_count, prune_bn_channels
-
-# Convs that never feed a BN directly although they precede one in module order (the configs spell it out).
-SKIP_CONVS: dict[str, list[str]] = {
-    "PreActResNet18": ["shortcut"],
-    "VGG19BN": [],
-    "EfficientNetB3": [],
-    "MobileNetV3Large": [],
-    "SmallCNN": [],
-}
 
 
 def conv_bn_pairs(net: nn.Module, skip_convs: Sequence[str] = ()) -> tuple[list[tuple[str, str]], list[str]]:
@@ -92,26 +68,30 @@ def lipschitz_outliers(values: Tensor, u: float) -> Tensor:
 class CLP(Defense):
     """Args:
         u: prune channels whose UCLC exceeds their layer's mean + u * std (3 in the survey's fork).
-        skip_convs: per backbone class name, dotted-name parts of convs not to pair with a following BN
-            (PreActResNet18: the 1x1 "shortcut" convs); see `conv_bn_pairs`. None: `SKIP_CONVS`.
+        skip_convs: dotted-name parts of convs not to pair with a following BN (PreActResNet18: the 1x1
+            "shortcut" convs; or a table of them by backbone class name); see `conv_bn_pairs`. None: the
+            backbone's `layer_roles.skip_convs`.
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
+
+    family = "pruning"
+    smoke_args = []
 
     def __init__(
         self,
         backdoored: str,
         u: float = 3.0,
-        skip_convs: dict[str, list[str]] | None = None,
+        skip_convs: list[str] | dict[str, list[str]] | None = None,
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
-        if not (math.isfinite(u) and u >= 0):
-            raise ValueError(f"u (threshold in standard deviations above the layer mean) must be >= 0, got {u}")
-        skip = for_backbone(SKIP_CONVS if skip_convs is None else skip_convs, self.backdoor_record,
-                            "skip_convs entry", "configs/defense/clp.yaml")
+        self.check(("u", u, math.isfinite(u) and u >= 0,
+                    "a finite number >= 0 (threshold in standard deviations above the layer mean)"))
+        skip = layer_setting(self.net, skip_convs, lambda r: r.skip_convs, "skip_convs entry",
+                             "configs/defense/clp.yaml")
         self.pairs, self.unpaired = conv_bn_pairs(self.net, list(skip))
         if not self.pairs:
             raise ValueError(f"{type(self.net).__name__} has no conv -> BatchNorm2d pair: CLP has nothing to prune")

@@ -1,44 +1,16 @@
 """FP: Fine-Pruning (Liu, Dolan-Gavitt, Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep
 Neural Networks", RAID 2018).
 
-Backdoor features tend to stay dormant on clean inputs. FP ranks the features feeding the classifier (the
-input of the first classifier Linear: `layers[<backbone>]` in configs/defense/fp.yaml) by their mean
-activation on D_m minus D_v, prunes them in ascending order, ceil(prune_step * F) more per step, by zeroing
-their columns of that Linear, and stops at the first step whose D_v accuracy has dropped by max_acc_drop or
-more (relative) from the unpruned model's; it keeps the last step within the limit (none pruned if the first
-step already fails). It then fine-tunes all weights on D_m minus D_v with the mask kept: SGD lr 0.01,
-momentum 0.9, weight decay 5e-4, cosine over the run (T_max = max_epochs, stepped per epoch; the fork's
-T_max = 100 is the same at 100 epochs), 100 epochs, batch 256, training augmentation.
-Defaults: prune_step 0.01, max_acc_drop 0.1, data.val_fraction 0.1 (D_v; the fork's convention, see
-datamodules/splits.py), the same on every dataset.
-
-Keeping the mask: pruning is baked into the weights (the columns are zero), so the defended model is the
-plain backbone, loadable as such. During fine-tuning the gradient of the pruned columns is zeroed before
-each optimizer step, so their weight-decay term (wd * 0) and momentum stay exactly 0, and the columns are
-multiplied by the mask again after each step (a guard should an optimiser ever move a zero-gradient
-weight). The mask itself is a persistent buffer `pruned` created in `__init__` with its final shape, so a
-reloaded module still knows and enforces it (resuming a defense run is not supported: `prepare` would rank
-the already fine-tuned network again); it is bookkeeping, `forward` does not read it.
-
-Differences from the reference (BackdoorBench's fp.py as run by the survey's fork):
-- The stop is decided on D_v only. The reference compares *test* accuracy (an oracle, protocol.md).
-- The reference's pruned model aliases the model it keeps evaluating, so it ends with the mask of the first
-  *failing* step, one step past the limit; we keep the last step within it, as the method intends.
-- D_v accuracies are measured without augmentation (deterministic; the fork augments D_v).
-- The fork stops on a *change* of 10% either way (|acc0 - acc| / acc0 >= 0.1), so a rise stops it too: on a
-  10-image D_v (CIFAR-10 at SPC 2 and 10) one more correct image is +12.5%. We stop on a drop only (the spec's
-  rule and the method's intent); `symmetric_drop: true` reproduces the fork.
-- The fork prunes one feature short at each step (`seq_sort[0:num_pruned-1]`); we prune the ceil(1%) counted.
-- On PreAct-ResNet18 the pooled features have no ReLU before them, so "ascending mean activation" prunes
-  strongly negative features first, not dormant ones: inherited from the reference, as the spec says. The ranking pass
-  over D_m uses the training augmentation, as the fork does.
-- The pruning steps evaluate only the classifier tail on cached D_v features (the Linear and what follows it
-  in its nn.Sequential; checked once against full forward passes, which are used instead on a mismatch).
-  Masked features through the tail equal masked columns exactly, so this changes cost, not results.
-
-Cost: one pass over D_m, one over D_v and <= 100 tail evaluations, then the fine-tuning (like FT's).
-2 CPU cores, float32, digits (32 px) SPC 10 (90 + 10 images): SmallCNN(width 32) pruning 0.1 s, 100
-fine-tuning epochs ~25 s; untrained VGG19BN pruning (25,088 features) ~2 s.
+Ranks the classifier's input features (`layer_roles.head[0]`, core/backbones/; `layers` in the config) by mean
+activation on D_m minus D_v, zeroes their Linear columns in ascending order until D_v accuracy drops by
+max_acc_drop, then fine-tunes with the mask kept (persistent buffer `pruned`; resuming is not supported).
+Differs from the reference (details: docs/fidelity.md, "FP"):
+- the stop reads un-augmented D_v, not test accuracy; a drop, not a change either way (`symmetric_drop: true`);
+- keeps the last step within the limit and prunes ceil(1%) per step (two bugs there);
+- pruning steps evaluate only the classifier tail on cached D_v features (same results, less cost).
+Defaults: configs/defense/fp.yaml (D_v: data.val_fraction 0.1, datamodules/splits.py).
+Cost: 1 fwd per D_m sample for the ranking, then 1 fwd + 1 bwd per sample per fine-tuning epoch (as FT);
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -50,18 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.optim import Schedule, sgd_with_schedule
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.hooks import capture, for_backbone
-from lightning_modules.optim import Schedule, sgd_with_schedule
+from lightning_modules.defenses.hooks import capture, layer_setting
 
 LAYERS = "configs/defense/fp.yaml (model.init_args.layers)"
 
 
 class FP(Defense):
     """Args:
-        layers: per backbone class name, the classifier Linear whose input features are ranked and pruned
-            (PreActResNet18: linear, VGG19BN: classifier.0, EfficientNetB3: classifier.1,
-            MobileNetV3Large: classifier.0, SmallCNN: linear).
+        layers: the classifier Linear whose input features are ranked and pruned (or a table of them by backbone
+            class name); None: the first Linear of the backbone's classifier head (`layer_roles.head[0]`).
         prune_step: fraction of the features pruned per step (ceil), in (0, 1].
         max_acc_drop: stop once D_v accuracy has dropped by this fraction of the unpruned model's, in (0, 1).
         symmetric_drop: stop on a change of max_acc_drop either way, a rise included (the survey's fork).
@@ -69,10 +40,14 @@ class FP(Defense):
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
+    family = "pruning"
+    # smoke_args: pruning, then one fine-tuning epoch with the mask kept
+    smoke_args = ["--trainer.max_epochs", "1"]
+
     def __init__(
         self,
         backdoored: str,
-        layers: dict[str, str],
+        layers: str | dict[str, str] | None = None,
         prune_step: float = 0.01,
         max_acc_drop: float = 0.1,
         symmetric_drop: bool = False,
@@ -84,19 +59,16 @@ class FP(Defense):
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
-        if not 0.0 < prune_step <= 1.0:
-            raise ValueError(f"prune_step (fraction of features pruned per step) must lie in (0, 1], got {prune_step}")
-        if not 0.0 < max_acc_drop < 1.0:
-            raise ValueError(f"max_acc_drop (relative D_v accuracy drop) must lie in (0, 1), got {max_acc_drop}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.check(
+            ("prune_step", prune_step, 0.0 < prune_step <= 1.0, "in (0, 1] (fraction of features pruned per step)"),
+            ("max_acc_drop", max_acc_drop, 0.0 < max_acc_drop < 1.0, "in (0, 1) (relative D_v accuracy drop)"),
+            ("lr", lr, lr > 0, "> 0"), ("momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1)"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        )
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
-        self.layer = str(for_backbone(layers, self.backdoor_record, "FP layer (the first classifier Linear)", LAYERS))
+        self.layer = str(layer_setting(self.net, layers, lambda r: r.head[0], "FP layer (the first classifier Linear)",
+                                       LAYERS))
         module = dict(self.net.named_modules()).get(self.layer)
         if not isinstance(module, nn.Linear):
             found = "no such module" if module is None else f"a {type(module).__name__}"
@@ -117,7 +89,7 @@ class FP(Defense):
         if len(yv) == 0:
             raise ValueError("FP chooses how much to prune on D_v, which is empty: set data.val_fraction > 0 "
                              "(0.1 in configs/defense/fp.yaml)")
-        batch = self.mitigation.batch_size
+        batch = self.batch_size
         was_training = self.net.training
         self.net.eval()
         with torch.no_grad(), self.autocast():

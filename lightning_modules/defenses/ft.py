@@ -1,17 +1,16 @@
 """FT: plain fine-tuning on the defender's clean set, the survey's fine-tuning baseline.
 
-All weights are fine-tuned on D_m with the training augmentation (random crop pad 4, flip on CIFAR-10 only):
-SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine over the run (T_max = max_epochs, stepped per epoch;
-the reference's T_max = 100 matches only at 100 epochs), 100 epochs, batch 256 (configs/defense/ft.yaml).
-Cost: 100 epochs x ceil(|D_m| / 256) steps; SPC 10 on CIFAR-10 with the small CNN: see benchmarks/README.md.
+All weights fine-tuned on augmented D_m; cosine over the run (the reference's T_max = 100 matches only at 100
+epochs; docs/fidelity.md). Defaults: configs/defense/ft.yaml.
+Cost: 1 fwd + 1 bwd per D_m sample per epoch; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from core.optim import Schedule, sgd_with_schedule
 from lightning_modules.defenses.base import Defense
-from lightning_modules.optim import Schedule, sgd_with_schedule
 
 
 class FT(Defense):
@@ -20,6 +19,9 @@ class FT(Defense):
         schedule: cosine over the run (default), constant, or multistep.
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
+
+    family = "fine-tuning"
+    smoke_args = ["--trainer.max_epochs", "2"]
 
     def __init__(
         self,

@@ -1,11 +1,15 @@
-"""Reading a network's intermediate values by module name, with forward hooks that are always removed."""
+"""Reading a network's intermediate values by module name (forward hooks that are always removed), and the
+per-backbone layer settings defenses take from the backbone's layer roles."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from torch import Tensor, nn
+
+from core.backbones import BACKBONES, LayerRoles, layer_roles
 
 
 @contextmanager
@@ -40,12 +44,19 @@ def capture(net: nn.Module, names: list[str], what: str = "output") -> Iterator[
             h.remove()
 
 
-def for_backbone(mapping: dict[str, object], record: dict, what: str, config: str) -> object:
-    """The value configured for the attacked backbone's class (e.g. a layer name), with a clear error."""
-    backbone = record["backbone"]["class_path"].rpartition(".")[2]
-    if backbone not in mapping:
-        raise ValueError(
-            f"no {what} configured for backbone {backbone}; add `{backbone}: ...` to it in {config} "
-            f"(configured: {sorted(mapping)})"
-        )
-    return mapping[backbone]
+def layer_setting(net: nn.Module, override: Any, role: Callable[[LayerRoles], Any], what: str, config: str) -> Any:
+    """A defense's layer setting for `net`: what its backbone's layer roles say (`override` None), the override as
+    given (one value for this run's backbone), or its entry for the backbone (a table keyed by class names)."""
+    backbone = type(net).__name__
+    if override is None:
+        try:
+            return role(layer_roles(net))
+        except ValueError as err:
+            raise ValueError(f"{err.args[0]} (the {what}: {config})") from None
+    names = {cls.__name__ for cls in BACKBONES.values()} | {backbone}
+    if isinstance(override, Mapping) and override and set(override) & names:
+        if backbone not in override:
+            raise ValueError(f"no {what} configured for backbone {backbone}; add `{backbone}: ...` to it in {config} "
+                             f"or drop the table to use the backbone's layer roles (configured: {sorted(override)})")
+        return override[backbone]
+    return override

@@ -1,66 +1,20 @@
 """i-BAU: implicit backdoor adversarial unlearning (Zeng, Chen, Park, Mao, Jin, Jia, "Adversarial Unlearning of
 Backdoors via Implicit Hypergradient", ICLR 2022), as the survey's fork of BackdoorBench runs it.
 
-    min_theta max_delta  H(delta, theta) = CE(D_m + delta; theta),  one universal delta shared by every image.
-
-The outer gradient accounts for how the inner solution delta*(theta) moves with theta (implicit hypergradient).
-delta* is a fixed point of the inner map, one gradient step on the *first batch* (x0, y0) of the round:
-    Phi(delta, theta) = delta - 0.1 * grad_delta [ mean_i -CE(f_theta(x0_i + delta), y0_i) + 0.001 ||delta||^2 ],
-so d delta*/d theta = (I - J)^-1 dPhi/dtheta with J = dPhi/ddelta, and the hypergradient of the outer loss L is
-    grad_theta L + (dPhi/dtheta)^T v,   v = (I - J^T)^-1 grad_delta L ~ sum_{k<K} (J^T)^k grad_delta L,
-the Neumann series truncated after K = 5 fixed-point iterations v <- J^T v + grad_delta L (from v = 0; here from
-v = grad_delta L, which saves the reference's first, zero product: same v). Each J^T v and the final
-(dPhi/dtheta)^T v are vector-Jacobian products through the gradient of the inner loss (double backward,
-`torch.autograd.grad(..., create_graph=True)`); the last one is folded into a surrogate scalar
-L + <Phi, v> whose theta-gradient is the hypergradient, so one `manual_backward` applies it (precision plugin,
-gradient sync).
-
-Each round (a Lightning epoch; trainer.max_epochs = 5 rounds), model in eval mode throughout:
-1. delta (1 x C x H x W, from zero) takes one SGD step (lr 10) per augmented batch of D_m on
-   -CE(f(x + delta), f's own prediction on x) + 0.001 ||delta||^2, no norm bound, no clamp;
-2. per batch of D_m (batch 256, augmented) one outer step: int(0.01 * B) random images of the batch get delta,
-   L = CE(f(x with delta on those images), y), theta moves along the hypergradient with Adam lr 1e-4
-   (amsgrad, weight decay 0), constant.
-
-With B < 100 no image gets delta (int(0.01 * B) = 0): L no longer depends on delta, grad_delta L = 0, so v = 0
-and the hypergradient term (dPhi/dtheta)^T v is exactly zero; the outer step is then plain clean fine-tuning
-(Adam 1e-4, eval mode) and the inner maximisation has no effect on the model at all. Such steps skip the
-hypergradient computation (it would add exactly 0). This is the survey's setting whenever |D_m| < 100 (SPC 2 on
-CIFAR-10 and GTSRB) and for a last partial batch under 100; SPC 10 on CIFAR-10 (one batch of 100) patches one
-image per step; `info()["rounds"]` records the patched images and the steps with an active hypergradient.
-
-Where delta lives (`delta_space`): "normalized" (default) adds it to the network's normalised input, as the
-survey's fork does (BackdoorBench normalises before the defense sees an image); "pixel" adds it to 0..1 pixels,
-as the authors' code (which feeds unnormalised images). With the same lr 10 and 0.001 weight, the fork's pixel
-step is std^2 (~1/16 on CIFAR-10 and Tiny-ImageNet) of the pixel-space one; identical on GTSRB (no normalisation).
-No bound and no clamp in either space, as the reference.
-
-Differences from the reference, and why:
-- The fork collects the augmented batches once and reuses them in every round (and for the inner map's first
-  batch); here each round draws fresh augmented batches from the datamodule and the inner map uses that round's
-  first batch (its true labels, as the reference), so with a single batch per round the inner and outer batch
-  are the same images, as in the reference.
-- The reference stops the fixed-point iterations early when ||v_k - v_k-1|| < 1e-10, a host sync per
-  iteration; here always K iterations (the early stop only fires once v has converged, or when v = 0).
-- Original i-BAU: Adam lr 1e-3 (no amsgrad), batch 100, no augmentation.
-- MobileNetV3's Hardsigmoid has no double backward in torch: while the hypergradient graph is built it is
-  swapped for the same function with a differentiable backward (`twice_differentiable`; forward identical).
-- The hypergradient (Hessian-vector products) is computed in float32 even under bf16-mixed, where the rest of
-  the step runs in the Trainer's precision; 16-mixed is refused (these hand-written gradients have no loss scaler).
-Defaults: 5 rounds, K 5, inner map step 0.1, delta lr 10, delta weight 0.001, poisoned fraction 0.01, Adam lr
-1e-4 amsgrad, batch 256.
-Cost: an outer step with the hypergradient is about 2 (outer forward/backward) + 2 (inner gradient, graph kept)
-+ 3 (K - 1) (Hessian-vector products, double backward) + 4 (the final backward through it all) passes, against 2
-for plain fine-tuning; the delta search adds 2 forwards + 1 backward per batch. Measured on 2 CPU cores shared
-with other jobs (load ~11): SmallCNN width 32 of configs/quickstart.yaml on digits, SPC 10 = 100 images = one
-batch per round, full defaults: 53 s for the 5 rounds (22 s CPU for the whole process), 9.6 s with
-poison_fraction 0 (no hypergradient). One step on 10 images at 32 px with K = 2 (tests): VGG19BN ~40 s,
-PreActResNet18 ~13 s, EfficientNetB3 ~8 s, MobileNetV3Large ~3 s.
+min_theta max_delta CE(D_m + delta; theta), one universal delta; each round (epoch) fits delta, then takes Adam
+steps along the implicit hypergradient (Neumann series, K = 5, via double backward).
+Pitfall: with batches under 100 images int(0.01 B) = 0 images get delta and a step is plain fine-tuning
+(`info()["rounds"]` records it; SPC 2 in the survey).
+Differs from the reference (details: docs/fidelity.md, "i-BAU"): fresh augmented batches per round; always K
+iterations; hypergradient in fp32 (16-mixed refused); MobileNetV3's Hardsigmoid swapped for a twice-differentiable
+copy; `delta_space: pixel` = the authors' code.
+Defaults: configs/defense/ibau.yaml.
+Cost: per D_m sample per round, delta search 2 fwd + 1 bwd, then about 11 fwd/bwd-equivalent passes for a
+hypergradient step at K = 5 (2 for plain fine-tuning); measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -159,6 +113,13 @@ class IBAU(Defense):
     Rounds are epochs: trainer.max_epochs (5 in configs/defense/ibau.yaml).
     """
 
+    family = "fine-tuning"
+    measure_dm_acc = True
+    freeze_bn = True  # the whole method runs in eval mode, as the reference
+    display_name = "i-BAU"
+    # smoke_args: one round: delta search, one step with 1 of 100 images patched
+    smoke_args = ["--trainer.max_epochs", "1"]
+
     def __init__(
         self,
         backdoored: str,
@@ -175,33 +136,22 @@ class IBAU(Defense):
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
-        for name, value, ok, rule in (
+        self.check(
             ("lr", lr, lr > 0, "> 0"), ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
             ("fixed_point_steps", fixed_point_steps, fixed_point_steps >= 1, ">= 1 (an integer)"),
             ("inner_lr", inner_lr, inner_lr > 0, "> 0"), ("delta_lr", delta_lr, delta_lr > 0, "> 0"),
             ("delta_reg", delta_reg, delta_reg >= 0, ">= 0"),
             ("poison_fraction", poison_fraction, 0 <= poison_fraction <= 1, "in [0, 1]"),
-        ):
-            if not ok or not math.isfinite(value):
-                raise ValueError(f"IBAU: {name}={value!r}, expected {rule}; fix model.init_args.{name}")
-        if delta_space not in ("normalized", "pixel"):
-            raise ValueError(f"IBAU: delta_space={delta_space!r}, expected 'normalized' or 'pixel'")
+            ("delta_space", delta_space, delta_space in ("normalized", "pixel"), "'normalized' or 'pixel'"),
+            finite=True,
+        )
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.delta: Tensor | None = None  # this round's universal perturbation (in delta_space)
         self._inner: tuple[Tensor, Tensor] | None = None  # this round's first batch: the inner map's data
-        self._sums: dict[str, Tensor] = {}
         self._round: dict[str, Any] = {}
         self._history: list[dict[str, Any]] = []
-        self._dm_acc: float | None = None
-
-    # the whole method runs in eval mode (running BN statistics, no dropout), as the reference
-    def train(self, mode: bool = True) -> IBAU:
-        super().train(mode)
-        if self.net is not None:
-            self.net.eval()
-        return self
 
     def to_space(self, x: Tensor) -> Tensor:
         """Images (uint8, or 0..1 floats) in the space delta is added in: the network's input, or 0..1 pixels."""
@@ -241,7 +191,7 @@ class IBAU(Defense):
     def on_train_epoch_start(self) -> None:
         self.train()
         x, y = self.mitigation_data("train")
-        delta = self.fit_delta(x, y, self.mitigation.batch_size)
+        delta = self.fit_delta(x, y, self.batch_size)
         self.delta = self.trainer.strategy.broadcast(delta, src=0)  # one delta for all processes
         with torch.no_grad(), self.autocast():  # how much delta changes the predictions on D_m (no augmentation)
             flips = sum((self.model(z).argmax(1) != self.model(z + self.delta).argmax(1)).sum()
@@ -250,7 +200,6 @@ class IBAU(Defense):
                        "delta_linf": float(self.delta.abs().max()),
                        "dm_prediction_flips": float(flips) / max(1, len(y)),
                        "patched_per_step": [], "hypergradient_steps": 0}
-        self._sums = {}
 
     # -- the outer minimisation: Lightning's training loop ----------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -277,21 +226,16 @@ class IBAU(Defense):
         self.manual_backward(objective)
         optimizer.step()
         self._round["patched_per_step"].append(n)
-        for k, value in (("loss", loss.detach()), ("v_norm", v_norm)):  # device sums: no host sync per batch
-            self._sums[k] = self._sums.get(k, 0) + value
-        self._sums["steps"] = self._sums.get("steps", 0) + 1
+        self.track(1, loss=loss, v_norm=v_norm)  # per step, not per image
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        steps = self._sums.pop("steps", 0)
-        means = {f"mean_{k}": float(v) / max(1, steps) for k, v in self._sums.items()}
+        sums, steps = self.epoch_sums()
+        means = {f"mean_{k}": float(v) / max(1, steps) for k, v in sums.items()}
         self._history.append({**self._round, "steps": steps, **means})
-
-    def finish(self) -> None:
-        self._dm_acc = self.accuracy(*self.mitigation_data("train"))
 
     def info(self) -> dict[str, Any]:
         space = "0..1 pixels" if self.hparams.delta_space == "pixel" else "the network's normalised input"
-        return {"delta_space": f"{space}, no bound, no clamp", "dm_acc_after": self._dm_acc,
+        return {"delta_space": f"{space}, no bound, no clamp", "dm_acc_after": self.dm_acc_after,
                 "rounds": self._history}

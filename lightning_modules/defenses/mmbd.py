@@ -1,51 +1,16 @@
-"""MM-BD: maximum-margin backdoor defense (Wang, Mahmood, Kantarcioglu, Miller, IEEE S&P 2024), mitigation part.
+"""MM-BD: maximum-margin backdoor defense, mitigation part (Wang, Mahmood, Kantarcioglu, Miller, "MM-BD:
+Post-Training Detection of Backdoor Attacks with Arbitrary Backdoor Pattern Types Using a Maximum Margin
+Statistic", IEEE S&P 2024).
 
-Backdoors ride on abnormally large activations; MM-BD caps them. Every bounded layer l gets per-channel
-upper bounds B_l, applied as min(activation, B_l) by a forward hook. The bounds start at the layer's single
-largest activation on D_m fed with the training augmentation (copied to every channel), then only B is trained,
-on augmented D_m batches, by
-    min_B  mean((f_B(x) - f(x))^2)  +  lambda * sum_l ||B_l||_2
-(logit MSE against the unbounded, frozen original, averaged over batch and classes), lambda = 0.5. After the
-0-indexed epochs 10, 20, 30, 40, lambda is multiplied by 1.2 if the bounded model's D_m accuracy stayed above
-the initial one minus 0.05 (absolute), else divided by 1.2. Adam lr 1e-3, 50 epochs, batch 256. Which accuracy
-(`lam_signal`): "eval_acc" (default) the end-of-epoch eval-mode accuracy on D_m without augmentation, compared with
-the unbounded model's; "running_train_acc" the fork's, the running accuracy of the epoch's augmented batches
-(B changing within the epoch), compared with the same running accuracy of the unbounded model at initialisation.
-
-Bounded layers (`layers[<backbone>]`: module types, minus modules under the excluded prefixes), as in the
-survey's fork: PreActResNet18 every BN output (the ReLU after each BN is functional there, so the BN output
-is bounded and the ReLU follows: relu(min(x, B)) = min(relu(x), relu(B)), the same as bounding the ReLU,
-which is what the fork's relu-then-clamp hook computes, as long as B >= 0; a bound that the norm penalty drives
-below 0 on a channel dead on D_m gives 0 here, where the fork's min(relu(x), B) would give the constant B); VGG19BN every ReLU except the two of the classifier;
-EfficientNetB3 every SiLU (SE blocks included); MobileNetV3Large every Hardswish except the classifier's
-*and every ReLU* (SE blocks included): the fork meant to bound its ReLUs but an exhausted generator skipped
-them, which left features.1-6, the early ReLU-only blocks where a patch trigger first shows up, unbounded;
-SmallCNN every ReLU.
-
-The defended model is the backbone plus its bounds: `bounds` (one parameter per layer, shape (C, 1, 1) or
-(C,)) and the hooks are created in `__init__` (a dry forward pass on a zero image gives the shapes), at +inf,
-which bounds nothing, so the "before" measurement sees the backdoored model; `changes_architecture = True`,
-and a checkpoint restores them. The original's logits come from the same network with the hooks switched
-off (`unbounded()`), so no second copy of the weights is kept; the backbone stays in eval mode (running BN
-statistics, no dropout, as in the fork) and its weights are frozen.
-
-Differences from the survey's fork: the fork removes its hooks right after initialising them, so its bounds
-never act and it returns the unchanged model (our hooks stay); the initial maxima come from one augmented pass
-over D_m for all layers (the fork: one augmented pass per layer, i.e. another augmentation draw per layer;
-`init_augment: false` takes them on un-augmented D_m, which caps tighter: on the review's toy model ASR 0.54
-vs 0.91-0.94 with augmented maxima); the lambda signal (above); MobileNetV3 ReLUs are bounded (above; the
-fork's set is `layers: {MobileNetV3Large: {types: [Hardswish], exclude: [classifier]}}`). The original MM-BD bounds only
-the outputs of the stem, layer1 and layer2, from 8, with Adam lr 0.1, batch 200, 50 correctly classified
-images per class and lambda adapted at epochs 20/30/40 on accuracy >= 95%. At these defaults a D_m of at
-most 256 images (CIFAR-10 at SPC <= 25, GTSRB at SPC <= 5) gets one Adam step per epoch, so a bound moves by at most about
-50 * 1e-3 = 0.05 from its initial value: most of the effect is the initial per-channel cap at the layer's
-clean maximum (quickstart model: ASR 0.96 -> 0.91 at ACC 0.986 unchanged; with lr 0.1, ASR 0.04 but ACC 0.19).
-
-Cost: per epoch two forward passes (bounded, and the unbounded reference) and one backward pass over D_m,
-about 1.5 victim-training epochs on D_m, plus one accuracy pass over D_m at each lambda check. Measured on 2
-CPU cores with the quickstart SmallCNN (width 32) on digits, SPC 10 (100 images, one batch per epoch): 0.32
-s of CPU time per epoch on one thread, so about 16 core-seconds for the 50 epochs; the machine was shared
-(load average ~20), where the full-default run took 597 s of wall time.
+Per-channel upper bounds B_l on activations (forward hooks on the backbone's `layer_roles.activations`,
+core/backbones/), initialised at each layer's maximum on augmented D_m and trained by logit MSE against the frozen
+unbounded model + lambda ||B||; the bounds are parameters of the defended model (`changes_architecture`).
+Pitfall: at the defaults a one-batch D_m gives one Adam step per epoch, so most of the effect is the initial cap.
+Differs from the fork (details: docs/fidelity.md, "MM-BD"): the hooks stay (the fork removes them: a no-op);
+one augmented pass initialises every layer; eval-mode lambda signal (`lam_signal`); MobileNetV3 ReLUs bounded.
+Defaults: configs/defense/mmbd.yaml.
+Cost: 2 fwd + 1 bwd per D_m sample per epoch (~1.5x FT), plus 1 fwd per sample at each lambda check;
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -59,17 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.backbones import LayerRoles
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.hooks import for_backbone
+from lightning_modules.defenses.hooks import layer_setting
 
-# Per backbone: {"types": module class names to bound, "exclude": module-name prefixes left alone}.
-BOUNDED_LAYERS: dict[str, dict[str, list[str]]] = {
-    "PreActResNet18": {"types": ["BatchNorm2d"], "exclude": []},
-    "VGG19BN": {"types": ["ReLU"], "exclude": ["classifier"]},
-    "EfficientNetB3": {"types": ["SiLU"], "exclude": []},
-    "MobileNetV3Large": {"types": ["Hardswish", "ReLU"], "exclude": ["classifier"]},
-    "SmallCNN": {"types": ["ReLU"], "exclude": []},
-}
+
+def mmbd_rule(roles: LayerRoles) -> dict[str, list[str]]:
+    """The MM-BD layer rule a backbone's layer roles give."""
+    return {"types": list(roles.activations), "exclude": list(roles.activations_exclude)}
 
 
 def bounded_layers(net: nn.Module, types: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
@@ -120,10 +82,16 @@ class MMBD(Defense):
         lam_signal: which D_m accuracy decides lambda: "eval_acc" (eval mode, no augmentation, after the epoch) or
             "running_train_acc" (the running accuracy of the epoch's augmented batches, the fork's).
         init_augment: take the initial bounds on D_m with the training augmentation (the fork) or without.
-        layers: per backbone class name, {"types": [module class names], "exclude": [name prefixes]} of the
-            activations to bound; None: `BOUNDED_LAYERS`.
+        layers: {"types": [module class names], "exclude": [name prefixes]} of the activations to bound (or a
+            table of them by backbone class name); None: the backbone's `layer_roles.activations` and
+            `activations_exclude`.
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
+
+    family = "pruning"
+    freeze_bn = True  # the backbone is frozen, BN statistics included
+    display_name = "MM-BD"
+    smoke_args = ["--trainer.max_epochs", "2", "--model.lam_every", "1"]
 
     changes_architecture = True
 
@@ -137,23 +105,22 @@ class MMBD(Defense):
         accuracy_drop: float = 0.05,
         lam_signal: Literal["eval_acc", "running_train_acc"] = "eval_acc",
         init_augment: bool = True,
-        layers: dict[str, dict[str, list[str]]] | None = None,
+        layers: dict[str, list[str]] | dict[str, dict[str, list[str]]] | None = None,
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
-        checks = {"lr": lr > 0, "lam": lam >= 0, "lam_factor": lam_factor > 0, "lam_every": lam_every >= 1,
-                  "accuracy_drop": 0 <= accuracy_drop <= 1}
-        bad = [k for k, ok in checks.items() if not ok or not math.isfinite(self.hparams[k])]
-        if bad:
-            raise ValueError(f"MMBD: invalid {', '.join(f'{k}={self.hparams[k]}' for k in bad)}; expected lr > 0, "
-                             f"lam >= 0, lam_factor > 0, lam_every >= 1, 0 <= accuracy_drop <= 1")
-        if lam_signal not in ("eval_acc", "running_train_acc"):
-            raise ValueError(f"MMBD: lam_signal={lam_signal!r}, expected 'eval_acc' or 'running_train_acc'")
-        rule = for_backbone(BOUNDED_LAYERS if layers is None else layers, self.backdoor_record,
-                            "MM-BD layer rule", "configs/defense/mmbd.yaml")
+        self.check(
+            ("lr", lr, lr > 0, "> 0"), ("lam", lam, lam >= 0, ">= 0"), ("lam_factor", lam_factor, lam_factor > 0, "> 0"),
+            ("lam_every", lam_every, lam_every >= 1, ">= 1"),
+            ("accuracy_drop", accuracy_drop, 0 <= accuracy_drop <= 1, "in [0, 1]"),
+            ("lam_signal", lam_signal, lam_signal in ("eval_acc", "running_train_acc"),
+             "'eval_acc' or 'running_train_acc'"),
+            finite=True,
+        )
+        rule = layer_setting(self.net, layers, mmbd_rule, "MM-BD layer rule", "configs/defense/mmbd.yaml")
         unknown = set(rule) - {"types", "exclude"}
         if unknown or not rule.get("types"):
             raise ValueError(f"an MM-BD layer rule is {{types: [module class names], exclude: [prefixes]}}, got {rule}")
@@ -173,12 +140,6 @@ class MMBD(Defense):
         self.history: dict[str, Any] = {}
         self._correct: Tensor | int = 0  # this epoch's correct predictions (device) and images (lam_signal
         self._seen = 0                   # running_train_acc)
-
-    # the backbone is frozen, BN statistics included: it stays in eval mode whatever Lightning asks
-    def train(self, mode: bool = True) -> MMBD:
-        super().train(mode)
-        self.net.eval()
-        return self
 
     @contextmanager
     def unbounded(self) -> Iterator[None]:

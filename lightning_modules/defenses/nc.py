@@ -1,52 +1,15 @@
 """NC: Neural Cleanse (Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao, "Neural Cleanse: Identifying and Mitigating
 Backdoor Attacks in Neural Networks", IEEE S&P 2019).
 
-A backdoor is a shortcut: a small patch sends any image to the target class, so the smallest input change that
-does so is abnormally small for that class. NC reverse-engineers, for every class t, a mask m_t and a pattern
-delta_t in [0, 1] (tanh-parametrised) minimising CE(f((1 - m_t) x + m_t delta_t), t) + lambda_t ||m_t||_1 over
-augmented D_m (0..1 pixels), all classes in one batched optimisation (lightning_modules/defenses/_nc_reverse.py):
-Adam lr 0.1, betas (0.5, 0.9), up to 80 epochs; lambda_t starts at 1e-3, x2 after 5 epochs in a row with
-attack success >= 98%, / 2^1.5 after 5 below; class t stops once lambda_t has moved both ways and its best L1
-has not improved by 1% for 25 epochs; each class keeps its smallest-L1 mask that reached 98%. The anomaly index
-of the L1 norms is their distance to the median over 1.4826 x the median absolute deviation; a class with index
-> 2 *below* the median is flagged. Then, `mitigation`:
-- unlearn (the survey's fork, default): fine-tune all weights through Lightning's loop on D_m whose last 20%
-  (in stored order, i.e. training-set index order, not grouped by class) is stamped with each flagged class's
-  reversed trigger and keeps its *true* labels (F flagged classes: F stamped copies of that 20%, the other 80%
-  clean): SGD 0.01, momentum 0.9, wd 5e-4, cosine over the run (T_max = max_epochs per epoch; the fork's
-  T_max = 100 is the same at its 100 epochs, `cosine_t_max: 100` keeps it at other lengths), 100 epochs,
-  batch 256, training augmentation (after stamping).
-- prune (the original paper): rank the neurons of the second-to-last layer (the input features of the output
-  Linear, `prune_layers[<backbone>]`) by their activation gap, mean over D_m stamped with the reversed trigger
-  (the flagged class's own images excluded; max over flagged classes) minus mean over clean D_m, and prune the
-  highest first, ceil(1%) more per step, until the reversed triggers' attack success on D_m (no augmentation) is
-  at most `prune_stop_asr` (else the step with the lowest). Pruning zeroes the neuron's column of the output
-  Linear, so it lives in the weights; there is no fine-tuning.
-If no class is flagged the model is returned unchanged: no fine-tuning step runs (the fit loop is stopped in
-`prepare`) and info() says so. The reversed triggers are kept in the defended checkpoint (`trigger_mask`,
-`trigger_pattern`, buffers of final shape); `forward` does not read them.
-
-Differences from the survey's fork: it crashes when it flags a class under SPC sampling (undefined index list)
-and evaluates a fresh, un-fine-tuned copy of the model (protocol.md); it stores the trigger as PNG files,
-min-max rescaled, and stamps uint8 images with them: we stamp with the exact mask and pattern in float. The
-median is the statistical one (the fork's torch.median takes the lower middle value for even K; the original
-NC code's np.median is ours). A class that never reaches 98% keeps its last mask (the fork: its first-epoch
-one). The kept mask and its L1 are those of the epoch's last batch (the fork: the post-step mask with the
-epoch-mean L1); on one-batch epochs (SPC 10 on CIFAR-10) the success is then measured on exactly that mask.
-The unlearning set is formed inside `training_step` from the datamodule's D_m batches: images of the last 20%
-are recognised by an exact integer hash of their pixels (byte-identical duplicates elsewhere in D_m would be
-stamped too).
-
-With the fork's batch 256, SPC 10 on a 10-class set is one Adam step per search epoch: the early stop (25
-epochs without a 1% gain) then ends some classes after ~35 steps with masks barely shrunk from their 0.88
-start, and the bimodal L1 norms can hide the target (manual run below: class 0 has the smallest L1, 11 vs a
-median of 539, yet index 1.0). This is the fork's behaviour; `search_batch_size` 2..10 gives more steps per
-epoch (tests/test_nc.py: batch 2, 4 epochs flags class 0 alone).
-
-Cost (2 CPU cores shared with other jobs, load ~12): full defaults on configs/quickstart.yaml's model (SmallCNN,
-BadNets on digits, SPC 10 = 100 images, K = 10): search 887 s (each epoch one forward-backward of K x |D_m| =
-1,000 images; 80 epochs for 5 classes, 32..37 for the others), nothing flagged, so no fine-tuning. The
-fixture (SmallCNN width 16), search batch 2, 4 epochs: about 20 s.
+Reverses a mask and pattern per class (all classes batched, _nc_reverse.py), flags classes with anomaly index > 2
+below the median L1, then `mitigation: unlearn` (the fork: fine-tune on D_m with its last 20% stamped, true labels)
+or `prune` (the paper: zero output-Linear columns, `layer_roles.classifier`). Nothing flagged: model unchanged.
+Pitfall: at the fork's batch 256, SPC 10 is one Adam step per search epoch and the early stop can hide the target;
+`search_batch_size` 2..10 gives more steps.
+Differs from the fork (details: docs/fidelity.md, "NC"): no crash when a class is flagged under SPC; exact float
+triggers; statistical median; last-batch masks; the 20% in training-index order.
+Defaults: configs/defense/nc.yaml.
+Cost: search K fwd + K bwd per D_m sample per epoch (K classes); unlearning as FT; measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -60,17 +23,17 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from core.optim import Schedule, sgd_with_schedule
 from datamodules.transforms import to_unit
-from lightning_modules.defenses._nc_reverse import SearchSettings, flag_low_outliers, reverse_engineer, stamp
+from lightning_modules.defenses._nc_reverse import (
+    SearchSettings,
+    flag_low_outliers,
+    reverse_engineer,
+    stamp,
+)
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.hooks import capture, for_backbone
-from lightning_modules.optim import Schedule, sgd_with_schedule
+from lightning_modules.defenses.hooks import capture, layer_setting
 
-# The output Linear, whose input features are the second-to-last layer's neurons that `prune` removes.
-PRUNE_LAYERS: dict[str, str] = {
-    "PreActResNet18": "linear", "VGG19BN": "classifier.6", "EfficientNetB3": "classifier.1",
-    "MobileNetV3Large": "classifier.3", "SmallCNN": "linear",
-}
 LAYERS = "configs/defense/nc.yaml (model.init_args.prune_layers)"
 
 
@@ -99,12 +62,18 @@ class NC(Defense):
         lr, momentum, weight_decay, schedule: SGD of the unlearning fine-tuning.
         cosine_t_max: epochs of the cosine schedule; None: the run's max_epochs (the fork's 100 whatever the length
             is `100`).
-        prune_layers: per backbone class name, the output Linear whose input neurons are pruned; None:
-            `PRUNE_LAYERS`.
+        prune_layers: the output Linear whose input neurons are pruned (or a table of them by backbone class
+            name); None: the backbone's `layer_roles.classifier`.
         prune_step: fraction of those neurons pruned per step (ceil), in (0, 1].
         prune_stop_asr: prune until every reversed trigger's attack success on D_m is at most this.
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
+
+    family = "fine-tuning"
+    measure_dm_acc = True
+    # smoke_args: a 1-epoch search of 2 steps and a tiny anomaly threshold flag classes: the unlearning epoch runs
+    smoke_args = ["--trainer.max_epochs", "1", "--model.search_epochs", "1", "--model.search_batch_size", "50",
+                  "--model.anomaly_threshold", "1e-6"]
 
     def __init__(
         self,
@@ -129,39 +98,41 @@ class NC(Defense):
         weight_decay: float = 5e-4,
         schedule: Schedule = "cosine",
         cosine_t_max: int | None = None,
-        prune_layers: dict[str, str] | None = None,
+        prune_layers: str | dict[str, str] | None = None,
         prune_step: float = 0.01,
         prune_stop_asr: float = 0.1,
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
     ) -> None:
-        checks = {
-            "mitigation (unlearn or prune)": mitigation in ("unlearn", "prune"),
-            "search_epochs >= 1": search_epochs >= 1, "search_lr > 0": search_lr > 0,
-            "search_batch_size >= 1 or null": search_batch_size is None or search_batch_size >= 1,
-            "search_betas in [0, 1)": len(search_betas) == 2 and all(0 <= b < 1 for b in search_betas),
-            "init_cost > 0": init_cost > 0, "cost_patience >= 1": cost_patience >= 1,
-            "cost_multiplier > 1": cost_multiplier > 1, "success_threshold in (0, 1]": 0 < success_threshold <= 1,
-            "early_stop_patience >= 1": early_stop_patience >= 1,
-            "early_stop_threshold in (0, 1]": 0 < early_stop_threshold <= 1,
-            "class_chunk >= 1 or null": class_chunk is None or class_chunk >= 1,
-            "anomaly_threshold > 0": anomaly_threshold > 0, "unlearn_fraction in (0, 1)": 0 < unlearn_fraction < 1,
-            "lr > 0": lr > 0, "momentum in [0, 1)": 0 <= momentum < 1, "weight_decay >= 0": weight_decay >= 0,
-            "cosine_t_max >= 1 or null": cosine_t_max is None or cosine_t_max >= 1,
-            "prune_step in (0, 1]": 0 < prune_step <= 1, "prune_stop_asr in [0, 1]": 0 <= prune_stop_asr <= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"NC: invalid settings, expected {'; '.join(bad)} (mitigation={mitigation!r}, "
-                             f"search_epochs={search_epochs}, search_lr={search_lr}, init_cost={init_cost}, "
-                             f"lr={lr}, class_chunk={class_chunk}, ...); fix them in configs/defense/nc.yaml")
+        self.check(
+            ("mitigation", mitigation, mitigation in ("unlearn", "prune"), "'unlearn' or 'prune'"),
+            ("search_epochs", search_epochs, search_epochs >= 1, ">= 1"),
+            ("search_lr", search_lr, search_lr > 0, "> 0"),
+            ("search_batch_size", search_batch_size, search_batch_size is None or search_batch_size >= 1,
+             ">= 1 or null"),
+            ("search_betas", search_betas, len(search_betas) == 2 and all(0 <= b < 1 for b in search_betas),
+             "two values in [0, 1)"),
+            ("init_cost", init_cost, init_cost > 0, "> 0"), ("cost_patience", cost_patience, cost_patience >= 1, ">= 1"),
+            ("cost_multiplier", cost_multiplier, cost_multiplier > 1, "> 1"),
+            ("success_threshold", success_threshold, 0 < success_threshold <= 1, "in (0, 1]"),
+            ("early_stop_patience", early_stop_patience, early_stop_patience >= 1, ">= 1"),
+            ("early_stop_threshold", early_stop_threshold, 0 < early_stop_threshold <= 1, "in (0, 1]"),
+            ("class_chunk", class_chunk, class_chunk is None or class_chunk >= 1, ">= 1 or null"),
+            ("anomaly_threshold", anomaly_threshold, anomaly_threshold > 0, "> 0"),
+            ("unlearn_fraction", unlearn_fraction, 0 < unlearn_fraction < 1, "in (0, 1)"),
+            ("lr", lr, lr > 0, "> 0"), ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("cosine_t_max", cosine_t_max, cosine_t_max is None or cosine_t_max >= 1, ">= 1 or null"),
+            ("prune_step", prune_step, 0 < prune_step <= 1, "in (0, 1]"),
+            ("prune_stop_asr", prune_stop_asr, 0 <= prune_stop_asr <= 1, "in [0, 1]"),
+        )
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         self.prune_layer: str | None = None
         if mitigation == "prune":
-            self.prune_layer = str(for_backbone(PRUNE_LAYERS if prune_layers is None else prune_layers,
-                                                self.backdoor_record, "NC prune layer (the output Linear)", LAYERS))
+            self.prune_layer = str(layer_setting(self.net, prune_layers, lambda r: r.classifier,
+                                                 "NC prune layer (the output Linear)", LAYERS))
             module = dict(self.net.named_modules()).get(self.prune_layer)
             if not (isinstance(module, nn.Linear) and module.out_features == self.spec.num_classes):
                 found = "no such module" if module is None else repr(module)
@@ -220,7 +191,7 @@ class NC(Defense):
         labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
 
         def epoch_batches():
-            batch = h.search_batch_size or self.mitigation.batch_size
+            batch = h.search_batch_size or self.batch_size
             for xb, _ in self.batches(x, labels, batch, shuffle=True, augment=h.search_augment):
                 yield to_unit(xb)
 
@@ -297,7 +268,6 @@ class NC(Defense):
 
     def finish(self) -> None:
         self.facts["fine_tune_epochs"] = self.trainer.current_epoch if self._unlearn_keys is not None else 0
-        self.facts["dm_acc_after"] = self.accuracy(*self.mitigation_data("train"))
 
     def info(self) -> dict[str, Any]:
-        return self.facts
+        return {**self.facts, "dm_acc_after": self.dm_acc_after}

@@ -1,43 +1,18 @@
-"""PBE: progressive backdoor erasing, its adversarial fine-tuning part (Mu et al., CVPR 2023).
+"""PBE: progressive backdoor erasing, its adversarial fine-tuning part (Mu et al., "Progressive
+Backdoor Erasing via connecting Backdoor and Adversarial Attacks", CVPR 2023).
 
-Untargeted adversarial examples of a backdoored model tend to land in the backdoor's target class: they act as
-surrogate poisoned images. Fine-tuning on them with their true labels, alternated with clean fine-tuning,
-erases the backdoor without knowing the trigger or the target.
-
-Training (Lightning's loop, manual optimisation): the survey's 20 rounds of (one adversarial epoch, one clean
-epoch), i.e. `trainer.max_epochs` = 40, which counts both kinds of epoch (configs/defense/pbe.yaml):
-- even epochs (0, 2, ...) are adversarial: each augmented D_m batch is replaced by its untargeted L_inf PGD
-  examples (uniform random start in the ball, 7 signed ascent steps of eps/5 on CE(x + delta, y), projection
-  onto the ball and x + delta clamped to the valid range after each), crafted with the model in eval mode,
-  then one SGD step on CE(x~, y) with the model in train mode;
-- odd epochs are clean: one SGD step on CE(x, y) per augmented D_m batch.
-SGD lr 0.01 constant, momentum 0.9, weight decay 5e-4, batch 256. The fork builds a fresh optimiser for every
-batch of an adversarial epoch and one per clean epoch; with a constant lr that is an empty optimiser state
-before every adversarial step and at the start of every clean epoch, which is what we do (adversarial steps
-never carry momentum; clean steps carry it within their epoch). `info()` counts the epochs of each kind.
-
-The budget. The reference states eps = 0.02 in normalised space; we perturb 0..1 pixels, so with
-`eps_space: normalized` (the default) the pixel budget of channel c is eps * std_c, and the step eps * std_c / 5:
-CIFAR-10 (0.00494, 0.00486, 0.00522) = 1.26 / 1.24 / 1.33 of 255; GTSRB (identity normalisation) 0.02 = 5.1/255;
-Tiny-ImageNet (0.00460, 0.00453, 0.00452); digits 0.00648. `eps_space: pixel` takes eps as a pixel budget for
-every channel (the authors' own code: 6/255). `info()` records the per-channel pixel budget of the run.
-
-Differences from the fork:
-- x + delta is clamped to [0, 1] in pixel space (valid images). The fork clamps it to [0, 1] in *normalised*
-  space, i.e. pixels to [mean_c, mean_c + std_c], which clips every pixel darker than the mean on CIFAR-10;
-  `clamp: normalized` reproduces that for comparison.
-- the attack runs in eval mode (BN running statistics are not fed the 7 attack passes); the fork attacks in
-  whatever mode the model is in, mostly train mode (its BN statistics then absorb the attack passes too).
-- no test-set evaluation between epochs. The authors' code runs adversarial epochs 1-3 then clean epochs,
-  eps 6/255, lr 1e-3 (not reproduced here; the survey's alternation is).
-
-Cost: an adversarial epoch costs 8 forward and 8 backward passes per batch (7 attack steps + the update), a
-clean one 1 + 1, so a run is about 9 x 20 = 180 passes over D_m (measured: benchmarks/README.md).
+20 rounds of (an epoch on untargeted L_inf PGD examples with true labels, a clean epoch) = `trainer.max_epochs`
+40; the optimiser state is cleared per adversarial batch and per clean epoch, as the fork. eps is read in
+normalised space by default (`eps_space`), i.e. a per-channel pixel budget eps * std_c, recorded in `info()`.
+Differs from the fork (details: docs/fidelity.md, "PBE"): x + delta clamped to valid pixels (`clamp: normalized`
+= the fork's bug); the attack runs in eval mode; no test evaluation between epochs.
+Defaults: configs/defense/pbe.yaml.
+Cost: adversarial epoch 8 fwd + 8 bwd per D_m sample (7 PGD steps + the update), clean epoch 1 + 1;
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -63,6 +38,10 @@ class PBE(Defense):
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
+    family = "fine-tuning"
+    measure_dm_acc = True
+    smoke_args = ["--trainer.max_epochs", "2"]
+
     def __init__(
         self,
         backdoored: str,
@@ -81,16 +60,15 @@ class PBE(Defense):
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        checks = {"eps": eps > 0, "attack_steps": attack_steps >= 1, "step_divisor": step_divisor > 0,
-                  "lr": lr > 0, "momentum": 0 <= momentum < 1, "weight_decay": weight_decay >= 0,
-                  "eps_space": eps_space in ("normalized", "pixel"), "clamp": clamp in ("pixel", "normalized")}
-        bad = [k for k, ok in checks.items()
-               if not ok or (isinstance(self.hparams[k], float) and not math.isfinite(self.hparams[k]))]
-        if bad:
-            raise ValueError(
-                f"PBE: invalid {', '.join(f'{k}={self.hparams[k]!r}' for k in bad)}; expected eps, step_divisor, "
-                f"lr > 0, attack_steps >= 1, momentum in [0, 1), weight_decay >= 0, eps_space and clamp "
-                f"'normalized' or 'pixel'")
+        self.check(
+            ("eps", eps, eps > 0, "> 0"), ("attack_steps", attack_steps, attack_steps >= 1, ">= 1"),
+            ("step_divisor", step_divisor, step_divisor > 0, "> 0"), ("lr", lr, lr > 0, "> 0"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("eps_space", eps_space, eps_space in ("normalized", "pixel"), "'normalized' or 'pixel'"),
+            ("clamp", clamp, clamp in ("pixel", "normalized"), "'pixel' or 'normalized'"),
+            finite=True,
+        )
         std, mean = torch.tensor(self.spec.std), torch.tensor(self.spec.mean)
         pixel_eps = eps * std if eps_space == "normalized" else torch.full_like(std, eps)
         low, high = (torch.zeros_like(mean), torch.ones_like(mean)) if clamp == "pixel" else (mean, mean + std)
@@ -98,9 +76,6 @@ class PBE(Defense):
         for name, value in (("pixel_eps", pixel_eps), ("low", low), ("high", high)):
             self.register_buffer(name, value.view(1, -1, 1, 1), persistent=False)
         self.history: list[dict[str, Any]] = []
-        self._sums: dict[str, Tensor] = {}
-        self._count = 0
-        self._dm_acc: float | None = None
 
     @staticmethod
     def phase(epoch: int) -> str:
@@ -114,7 +89,6 @@ class PBE(Defense):
         # a fresh optimiser per clean epoch (and per adversarial step, training_step): no momentum carried over
         # (constant lr, so nothing else to reset)
         self.optimizers().optimizer.state.clear()
-        self._sums, self._count = {}, 0
 
     @torch.enable_grad()
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
@@ -150,29 +124,24 @@ class PBE(Defense):
         # epoch sums on the device (no host sync per batch): loss, accuracy on the batch it trained on and, in
         # adversarial epochs, where the PGD examples land (the paper: mostly the backdoor's target class)
         pred = logits.detach().argmax(1)
-        sums = {"loss": loss.detach() * len(y), "acc": (pred == y).sum()}
+        self.track(len(y), loss=loss)
+        self.track(acc=(pred == y).sum())
         if adversarial:
-            sums["adv_predictions"] = torch.bincount(pred, minlength=self.spec.num_classes)
-        for k, v in sums.items():
-            self._sums[k] = self._sums.get(k, 0) + v
-        self._count += len(y)
+            self.track(adv_predictions=torch.bincount(pred, minlength=self.spec.num_classes))
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        n = max(1, self._count)
+        sums, n = self.epoch_sums()
+        n = max(1, n)
         # acc: of the training forward (train mode), on the PGD examples in adversarial epochs
         entry: dict[str, Any] = {"epoch": self.current_epoch, "phase": self.phase(self.current_epoch),
-                                 "loss": float(self._sums.get("loss", 0)) / n,
-                                 "acc": float(self._sums.get("acc", 0)) / n}
-        counts = self._sums.get("adv_predictions")
+                                 "loss": float(sums.get("loss", 0)) / n, "acc": float(sums.get("acc", 0)) / n}
+        counts = sums.get("adv_predictions")
         if counts is not None:  # the most frequent prediction on the adversarial examples and its share
             entry["adv_top_class"] = int(counts.argmax())
             entry["adv_top_class_share"] = float(counts.max()) / n
         self.history.append(entry)
-
-    def finish(self) -> None:
-        self._dm_acc = self.accuracy(*self.mitigation_data("train"))
 
     def info(self) -> dict[str, Any]:
         phases = [entry["phase"] for entry in self.history]
@@ -180,4 +149,4 @@ class PBE(Defense):
                 "pixel_eps": self.pixel_eps.flatten().tolist(),
                 "pixel_step": (self.pixel_eps / self.hparams.step_divisor).flatten().tolist(),
                 "valid_range": [self.low.flatten().tolist(), self.high.flatten().tolist()],
-                "dm_acc_after": self._dm_acc, "epochs": self.history}
+                "dm_acc_after": self.dm_acc_after, "epochs": self.history}

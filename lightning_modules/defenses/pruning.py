@@ -56,6 +56,21 @@ def masked_forward(
     return functional_call(net, overrides, (x,), strict=False)
 
 
+class BNMasks(nn.ParameterList):
+    """A learnable soft mask per BatchNorm2d channel of `net`, all ones at the start (ANP, AWM); `names[i]` is
+    the BN layer of mask i, `as_dict()` maps layer names to masks (for `masked_forward`)."""
+
+    def __init__(self, net: nn.Module, owner: str) -> None:
+        layers = bn_layers(net)
+        if not layers:
+            raise ValueError(f"{owner} masks BatchNorm2d channels, and {type(net).__name__} has none")
+        super().__init__(nn.Parameter(torch.ones_like(bn.weight)) for _, bn in layers)
+        self.names = [name for name, _ in layers]
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self))
+
+
 def neuron_count(net: nn.Module) -> int:
     return sum(bn.num_features for _, bn in bn_layers(net))
 

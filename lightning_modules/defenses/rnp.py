@@ -1,48 +1,15 @@
-"""RNP: reconstructive neuron pruning (Li, Lyu, Ma, Koren, Lyu, Li, Jiang, ICML 2023).
+"""RNP: reconstructive neuron pruning (Li, Lyu, Ma, Koren, Lyu, Li, Jiang, "Reconstructive Neuron Pruning for
+Backdoor Defense", ICML 2023).
 
-Unlearning the clean task on a few clean images breaks the backdoored network's clean neurons long before
-its backdoor neurons; asking which neurons must be switched off to *recover* clean accuracy afterwards
-singles out the backdoor ones. Three phases, each mapped onto the `Defense` hooks:
-
-1. Unlearn (`prepare`, a hand-written loop on a copy: it has a data-dependent stop): gradient *ascent* on
-   CE(D_m) over all weights, SGD lr 1e-3, momentum 0.9, weight decay 5e-2, cosine over 20 epochs (the
-   survey's fork), train mode, augmented D_m; stop after the first epoch whose D_m accuracy is <= 0.20, read
-   (`stop_signal`) in eval mode on un-augmented D_m after the epoch ("eval_acc", default: deterministic, and
-   the network the next phase starts from) or as the running train-mode accuracy of the epoch's augmented
-   batches, weights changing within the epoch ("running_train_acc", the fork's and the original's; in train
-   mode the unlearned weights meet fresh batch statistics, so it falls later: on the review's toy model the
-   eval-mode rule stopped at epoch 3, the running one at epoch 5).
-2. Recover (Lightning's training loop, `trainer.max_epochs` = 20 epochs): learn one mask m in [0, 1] per BN
-   neuron scaling its BN weight, min_m CE(D_m; m * theta_unlearned), unlearned weights frozen, model in
-   train mode (batch statistics), SGD lr 0.2, momentum 0.9, masks clipped to [0, 1] after every step.
-   The masks are plain tensors outside the module's state (the defended checkpoint needs none of them),
-   applied with `pruning.masked_forward`.
-3. Prune (`finish`): zero the BN weight of the *original* network's neurons whose mask is below a threshold.
-   `selection: accuracy_drop` (the fork's rule, default): raise the threshold from 0 in steps of 0.02
-   (0, 0.02, ..., 0.98) and keep the last one whose D_m accuracy is not more than `max_acc_drop` = 0.02
-   (2 points, absolute) below the unpruned model's; `selection: fixed` prunes below `fixed_threshold`
-   (BackdoorBench's 0.70). The pruning lives in the weights, so the defended checkpoint is a plain backbone.
-
-Masks during unlearning: the fork unlearns a network that already carries the BN masks (they are updated by
-the ascent and its weight decay, then recovery starts from them); the original starts recovery from masks of
-1. We follow the original by default (the mask then measures only what recovery needs, not an artefact of
-ascent on a masked replica); `unlearn_masks: true` reproduces the fork.
-
-Differences from the fork, and why:
-- The unlearning stop by default (above), and the threshold scan, read D_m accuracy in eval mode without
-  augmentation (deterministic, the project's rule); the fork's scan reads accuracy on augmented D_m.
-- The masks are clamped to [0, 1] right after unlearning (the fork clamps them only during recovery).
-- No gradient-norm clipping: the fork calls clip_grad_norm_(20) before backward, on empty gradients (a no-op),
-  and retries unlearning at lr / 10 on an exception; we do neither.
-- Every BN architecture works by module name (the fork rebuilt four architectures with mask-BN classes).
-The original: unlearning lr 0.01, wd 5e-4, steps at epochs 10 and 20; recovery loss scaled by 0.2
-(`recover_loss_weight`); pruning at masks <= threshold.
-
-Cost (2 CPU cores shared with other jobs, load ~20; SmallCNN width 32 of configs/quickstart.yaml on digits,
-SPC 10 = 100 images, full defaults): 23 s wall for the three phases (20 unlearning epochs of one batch: the
-ascent at lr 1e-3 did not reach 0.2 there; 20 recovery epochs; a 10-threshold scan), 26 s CPU time for the
-whole process. Per step: one forward-backward of the backbone (unlearning, recovery); the scan costs one D_m
-evaluation per threshold that prunes something new.
+Unlearn (`prepare`: gradient ascent on a copy until D_m accuracy <= 0.2), recover (train BN-neuron masks on the
+frozen unlearned weights), prune (`finish`: zero the original's BN weights below the threshold chosen on D_m).
+The pruning lives in the weights; the masks are not saved.
+Differs from the fork (details: docs/fidelity.md, "RNP"): the stop reads eval-mode un-augmented D_m
+(`stop_signal: running_train_acc` = the fork); masks start at 1 in recovery (`unlearn_masks: true` = the fork);
+the scan reads un-augmented D_m; no gradient clipping or lr retry.
+Defaults: configs/defense/rnp.yaml (`selection: fixed` with 0.70 = BackdoorBench's rule).
+Cost: 1 fwd + 1 bwd per D_m sample per unlearning and recovery epoch; 1 fwd per sample per scanned threshold;
+measured: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -57,7 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.defenses.base import Defense
-from lightning_modules.defenses.pruning import bn_layers, masked_forward, prune_bn_channels
+from lightning_modules.defenses.pruning import (
+    bn_layers,
+    masked_forward,
+    prune_bn_channels,
+)
 
 
 class MaskedNet(nn.Module):
@@ -115,6 +86,9 @@ class RNP(Defense):
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
+    family = "pruning"
+    smoke_args = ["--trainer.max_epochs", "2", "--model.unlearn_epochs", "2"]
+
     def __init__(
         self,
         backdoored: str,
@@ -139,28 +113,26 @@ class RNP(Defense):
     ) -> None:
         super().__init__(backdoored, result_file, save_defended, channels_last)
         self.save_hyperparameters()
-        checks = {
-            "unlearn_lr": unlearn_lr > 0, "unlearn_momentum": 0 <= unlearn_momentum < 1,
-            "unlearn_weight_decay": unlearn_weight_decay >= 0, "unlearn_epochs": unlearn_epochs >= 0,
-            "unlearn_stop_acc": 0 <= unlearn_stop_acc <= 1, "recover_lr": recover_lr > 0,
-            "recover_momentum": 0 <= recover_momentum < 1, "recover_loss_weight": recover_loss_weight > 0,
-            "threshold_step": 0 < threshold_step <= 1, "max_acc_drop": 0 <= max_acc_drop <= 1,
-            "fixed_threshold": 0 <= fixed_threshold <= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok or not math.isfinite(self.hparams[k])]
-        if bad:
-            raise ValueError(
-                f"RNP: invalid {', '.join(f'{k}={self.hparams[k]}' for k in bad)}; expected learning rates and "
-                f"recover_loss_weight > 0, momenta in [0, 1), weight decay and unlearn_epochs >= 0, "
-                f"unlearn_stop_acc / max_acc_drop / fixed_threshold in [0, 1], threshold_step in (0, 1]")
-        if stop_signal not in ("eval_acc", "running_train_acc"):
-            raise ValueError(f"RNP: stop_signal must be 'eval_acc' or 'running_train_acc', got {stop_signal!r}")
-        if selection not in ("accuracy_drop", "fixed"):
-            raise ValueError(f"RNP: selection must be 'accuracy_drop' or 'fixed', got {selection!r}")
+        self.check(
+            ("unlearn_lr", unlearn_lr, unlearn_lr > 0, "> 0"),
+            ("unlearn_momentum", unlearn_momentum, 0 <= unlearn_momentum < 1, "in [0, 1)"),
+            ("unlearn_weight_decay", unlearn_weight_decay, unlearn_weight_decay >= 0, ">= 0"),
+            ("unlearn_epochs", unlearn_epochs, unlearn_epochs >= 0, ">= 0"),
+            ("unlearn_stop_acc", unlearn_stop_acc, 0 <= unlearn_stop_acc <= 1, "in [0, 1]"),
+            ("recover_lr", recover_lr, recover_lr > 0, "> 0"),
+            ("recover_momentum", recover_momentum, 0 <= recover_momentum < 1, "in [0, 1)"),
+            ("recover_loss_weight", recover_loss_weight, recover_loss_weight > 0, "> 0"),
+            ("threshold_step", threshold_step, 0 < threshold_step <= 1, "in (0, 1]"),
+            ("max_acc_drop", max_acc_drop, 0 <= max_acc_drop <= 1, "in [0, 1]"),
+            ("fixed_threshold", fixed_threshold, 0 <= fixed_threshold <= 1, "in [0, 1]"),
+            ("stop_signal", stop_signal, stop_signal in ("eval_acc", "running_train_acc"),
+             "'eval_acc' or 'running_train_acc'"),
+            ("selection", selection, selection in ("accuracy_drop", "fixed"), "'accuracy_drop' or 'fixed'"),
+            finite=True,
+        )
         if not bn_layers(self.net):
             raise ValueError(f"RNP masks BatchNorm2d neurons; {type(self.net).__name__} has none")
         self.masks: dict[str, Tensor] = {}  # BN layer name -> mask, created on the device
-        self._work: dict[str, nn.Module] = {}  # the unlearned copy: not a submodule, so never checkpointed
         self.history: dict[str, Any] = {}
 
     def _init_masks(self) -> None:
@@ -185,28 +157,18 @@ class RNP(Defense):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, h.unlearn_epochs))
         x, y = self.mitigation_data("train")
         accuracies = []
-        with torch.enable_grad():
-            for _ in range(h.unlearn_epochs):
-                model.train()
-                correct = torch.zeros((), device=x.device)  # the epoch's running accuracy, summed on the device
-                for xb, yb in self.batches(x, y, self.mitigation.batch_size, shuffle=True, augment=True):
-                    with self.autocast():
-                        logits = self.classify(xb, model).float()
-                        loss = -F.cross_entropy(logits, yb)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    correct += (logits.detach().argmax(1) == yb).sum()
-                scheduler.step()
-                if h.stop_signal == "eval_acc":
-                    accuracies.append(self.accuracy(x, y, net=model))
-                else:
-                    accuracies.append(float(correct) / max(1, len(y)))
-                if accuracies[-1] <= h.unlearn_stop_acc:
-                    break
+        for _ in range(h.unlearn_epochs):
+            _, correct = self.finetune_epoch(model, optimizer, x, y, ascent=True)  # correct: the running accuracy
+            scheduler.step()
+            if h.stop_signal == "eval_acc":
+                accuracies.append(self.accuracy(x, y, net=model))
+            else:
+                accuracies.append(float(correct) / max(1, len(y)))
+            if accuracies[-1] <= h.unlearn_stop_acc:
+                break
         self._clip_masks()
         net.requires_grad_(False)
-        self._work["recovery"] = MaskedNet(net, self.masks).train()
+        self.reference("recovery", MaskedNet(net, self.masks).train())  # the unlearned copy
         self.history = {"unlearn": {"epochs": len(accuracies), "stop_signal": h.stop_signal, "dm_acc": accuracies,
                                     "reached_stop_acc": bool(accuracies) and accuracies[-1] <= h.unlearn_stop_acc}}
 
@@ -218,7 +180,7 @@ class RNP(Defense):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        model = self._work["recovery"]
+        model = self.references["recovery"]
         model.train()
         loss = F.cross_entropy(self.classify(self.augment(x), model), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
@@ -230,7 +192,7 @@ class RNP(Defense):
     # -- 3. prune the original weights -------------------------------------------------------------------------
     def finish(self) -> None:
         h = self.hparams
-        self._work.clear()
+        self.references.clear()
         names = list(self.masks)
         # the masks are plain tensors that DDP does not sync: every process prunes rank 0's masks
         flat = self.trainer.strategy.broadcast(torch.cat([self.masks[n].detach().float() for n in names]), src=0)

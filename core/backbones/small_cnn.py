@@ -2,13 +2,15 @@
 
 Five 3x3 convs in three stages (w, w | 2w, 2w | 4w channels, max-pool after each stage), global average
 pool, linear classifier: the same ingredients as the paper backbones (BN neurons for the pruning
-defenses, a final Linear for FP/FST, ReLUs for MM-BD). Measured on 2 CPU cores, batch 128, channels_last:
-width 32 trains ~730 img/s (~70 s per CIFAR-10 epoch), width 16 ~2,700 img/s. 0.14 M parameters at width 32.
+defenses, a final Linear for FP/FST, ReLUs for MM-BD). 0.14 M parameters at width 32.
+Throughput: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from core.backbones.roles import LayerRoles
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -20,6 +22,17 @@ class SmallCNN(nn.Module):
         num_classes: outputs of the linear classifier.
         width: channels of the first stage.
     """
+
+    # not in the survey: each role follows the PreAct-ResNet18 recipe (NAD: the ReLUs ending stages 2 and 3; NPD:
+    # the last conv; BCU: the ResNet-18 progression, one step per conv)
+    layer_roles = LayerRoles(
+        classifier="linear", head=("linear",),
+        attention={"features.12": 500.0, "features.16": 1000.0},
+        polarizer="features.14",
+        activations=("ReLU",),
+        reinit={"features.0": 0.01, "features.3": 0.01, "features.7": 0.03, "features.10": 0.09,
+                "features.14": 0.27, "linear": 0.10},
+    )
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.backbones.roles import LayerRoles
+
 
 class PreActBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -35,6 +37,15 @@ class PreActResNet18(nn.Module):
         num_classes: outputs of the linear classifier.
         width: channels of the first stage (64 in the paper); later stages double it.
     """
+
+    layer_roles = LayerRoles(
+        classifier="linear", head=("linear",),
+        attention={"layer3": 500.0, "layer4": 1000.0, "avgpool": 1000.0},  # avgpool is 1x1: its term is always 0
+        polarizer="layer4.1.conv1",
+        activations=("BatchNorm2d",),  # its ReLUs are functional: bound the BN output, the ReLU follows
+        skip_convs=("shortcut",),      # a block's bn2 follows the shortcut conv in module order, fed by conv1
+        reinit={"conv1": 0.01, "layer1": 0.01, "layer2": 0.03, "layer3": 0.09, "layer4": 0.27, "linear": 0.10},
+    )  # the survey's fork (NAD, NPD, MM-BD) and BCU's ResNet-18 values
 
     def __init__(self, num_classes: int, width: int = 64) -> None:
         super().__init__()
