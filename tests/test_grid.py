@@ -4,6 +4,7 @@ W&B rows), and the checkpoint notebook executed on its outputs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,11 +22,19 @@ import yaml
 import experiments.grid
 from experiments.grid import Grid, identity
 from experiments.sweeps import sweep_configs, write_sweeps
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, run_cli
 from tests.helpers import wandb_records, write_grid
 
 SURVEY_DEFENSES = ["fp", "bnp", "clp", "anp", "awm", "rnp", "mmbd", "npd",
                    "ft", "fst", "ftsam", "nad", "nc", "pbe", "ibau", "sau"]
+
+
+@functools.cache
+def expanded(path: Path) -> tuple[Grid, list, list]:
+    """A shipped grid, its attack runs and its defense runs, expanded once per session (the survey's: 124,128)."""
+    grid = Grid.load(path)
+    attacks = grid.attack_runs()
+    return grid, attacks, grid.defense_runs(attacks)
 
 
 def test_survey_grid_counts() -> None:
@@ -36,9 +45,7 @@ def test_survey_grid_counts() -> None:
     missing = [d for d in SURVEY_DEFENSES if not (CONFIGS / "defense" / f"{d}.yaml").exists()]
     if missing:
         pytest.skip(f"defense configs not implemented yet: {missing}")
-    grid = Grid.load(CONFIGS / "grids" / "survey.yaml")
-    attacks = grid.attack_runs()
-    defenses = grid.defense_runs(attacks)
+    _, attacks, defenses = expanded(CONFIGS / "grids" / "survey.yaml")
     assert len(attacks) == 288
     assert len(defenses) == 124_128
     by_defense = {d: sum(r.defense == d for r in defenses) for d in SURVEY_DEFENSES}
@@ -49,9 +56,7 @@ def test_survey_grid_counts() -> None:
 @pytest.mark.parametrize("path", sorted((CONFIGS / "grids").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_grid_file_expands(path: Path) -> None:
     """Every shipped grid loads, names existing configs and expands to unique runs."""
-    grid = Grid.load(path)
-    attacks = grid.attack_runs()
-    defenses = grid.defense_runs(attacks)
+    grid, attacks, defenses = expanded(path)
     assert attacks and grid.name == path.stem
     assert len({a.key for a in attacks}) == len(attacks)
     assert len({(d.attack.key, d.key) for d in defenses}) == len(defenses)
@@ -163,17 +168,21 @@ def test_bad_grid_files(tmp_path, change, match) -> None:
     ("attacks", "per_attack_args", {"badnetz": []}, "attacks.per_attack_args.badnetz: no configs/attack/badnetz.yaml"),
     ("defenses", "per_defense_args", {"ft": "--trainer.max_epochs 3"}, "defenses.per_defense_args.ft: must be a"),
 ])
-def test_every_key_of_a_grid_file_is_checked(tmp_path, section, key, value, match) -> None:
+def test_every_key_of_a_grid_file_is_checked(tmp_path, capfd, section, key, value, match) -> None:
     """Misspelled or ill-typed keys inside a section are refused when the grid loads (they used to be ignored, or
-    to fail run by run), and `grid.py` says so in one line."""
+    to fail run by run), and `grid.py` says so in one line (its `main`, in this process)."""
+    from experiments.commands import main
+
     spec = yaml.safe_load(write_grid(tmp_path).read_text())
     spec[section][key] = value
     path = write_grid(tmp_path, **{section: spec[section]})
     with pytest.raises(ValueError, match=match):
         Grid.load(path)
-    proc = run_grid_cli("count", str(path), cwd=tmp_path)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and output.count("\n") == 1 and "Traceback" not in output, output
+    with pytest.raises(SystemExit) as end:
+        main(["count", str(path)])
+    code = end.value.code  # a message: the interpreter prints it as the last line and exits with status 1
+    output = "".join(capfd.readouterr()) + (f"{code}\n" if isinstance(code, str) else "")
+    assert code not in (0, None) and output.count("\n") == 1 and "Traceback" not in output, output
 
 
 def test_a_held_run_is_left_alone(tmp_path) -> None:
@@ -311,6 +320,7 @@ def test_kill_and_resume(finished_grid) -> None:
     assert again.wait(timeout=300) == 0 and len(collect(runs)) == 4
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the test logs to <run>/test/: by design
 def test_testing_a_run_leaves_its_files_alone(finished_grid) -> None:
     check_test_leaves_files_alone(finished_grid["runs"], finished_grid["tmp"])
 
@@ -328,12 +338,9 @@ def check_test_leaves_files_alone(runs: Path, cwd: Path) -> None:
     before = digests()
     attack = next(runs.glob("attacks/*/attack.json")).parent
     defense = next(runs.glob("defenses/*/ft-*/result.json")).parent
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    for run in (attack, defense):
-        proc = subprocess.run([sys.executable, str(REPO / "train.py"), "test", "--config", str(run / "config.yaml"),
-                               "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
-                              cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    for run in (attack, defense):  # train.py's CLI, in this process
+        run_cli("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                cwd=cwd)
         assert "test/acc" in (run / "test" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert digests() == before
 
@@ -386,15 +393,17 @@ def check_report(runs: Path, cwd: Path) -> None:
     assert "## Attacked models" in summary
 
 
-def test_benchmark_tables_print_the_records_medians(finished_grid) -> None:
+def test_benchmark_tables_print_the_records_medians(finished_grid, monkeypatch, capsys) -> None:
     """benchmarks/tables.py (the tables of benchmarks/README.md): each row holds the medians of its records."""
     import statistics
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    runs = str(finished_grid["runs"])
-    printed = {what: subprocess.run([sys.executable, "-m", "benchmarks.tables", what, runs], cwd=REPO, env=env,
-                                    capture_output=True, text=True, check=True).stdout
-               for what in ("defenses", "attacks")}
+    from benchmarks.tables import main
+
+    printed = {}
+    for what in ("defenses", "attacks"):  # `python -m benchmarks.tables <what> <runs>`, in this process
+        monkeypatch.setattr(sys, "argv", ["tables.py", what, str(finished_grid["runs"])])
+        main()
+        printed[what] = capsys.readouterr().out
     records = [json.loads(p.read_text()) for p in defense_records(finished_grid["runs"])]
     ft = [r for r in records if r["defense"].upper() == "FT"]
     row = next(line for line in printed["defenses"].splitlines() if "| FT | 3 |" in line)

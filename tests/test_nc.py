@@ -97,8 +97,9 @@ def test_nothing_flagged_returns_the_model_unchanged(backdoored_checkpoint, run_
 @pytest.mark.parametrize("backbone", ["small_cnn", "preact_resnet18"])
 def test_prune_layer_check_holds_under_bf16(backbone, backbone_checkpoint, run_defense) -> None:
     """The check that the prune layer produces the logits runs in fp32: bf16 autocast logits are no reference.
-    (PreAct-ResNet18 at its test width: its bf16 logits differ from fp32 as the full-width one's do.)"""
-    model = run_nc(run_defense, backbone_checkpoint(backbone), spc=1, mitigation="prune", search_epochs=1,
+    (Width 8: the bf16 logits of these narrow nets miss fp32's by more than the check's tolerance, as the full-width
+    ones' do; bf16 on a CPU is slow.)"""
+    model = run_nc(run_defense, backbone_checkpoint(backbone, width=8), spc=1, mitigation="prune", search_epochs=1,
                    search_batch_size=5, precision="bf16-mixed")
     x, y = model.mitigation_data("train")
     facts = model.prune(x, y, [0])
