@@ -23,7 +23,7 @@ def installed(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, source / name)
-    for name in ("lightning_modules", "datamodules", "callbacks", "experiments", "configs"):
+    for name in ("core", "lightning_modules", "datamodules", "callbacks", "experiments", "configs"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp / "dist"), str(source)], check=True, capture_output=True, timeout=300)
