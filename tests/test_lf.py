@@ -271,5 +271,5 @@ def test_datamodule_binds_the_victim_backbone(tmp_path, monkeypatch) -> None:
     L.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
               enable_model_summary=False).fit(model, data)
     assert seen == {"dataset": "digits", "target": 0,
-                    "surrogate": {"class_path": "lightning_modules.backbones.small_cnn.SmallCNN",
+                    "surrogate": {"class_path": "core.backbones.small_cnn.SmallCNN",
                                   "init_args": {"width": 4}}}

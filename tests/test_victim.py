@@ -117,7 +117,7 @@ def test_python_api_checkpoint_is_safe(tmp_path) -> None:
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["backbone"] == {
-        "class_path": "lightning_modules.backbones.small_cnn.SmallCNN", "init_args": {"width": 4}}
+        "class_path": "core.backbones.small_cnn.SmallCNN", "init_args": {"width": 4}}
     assert load_attacked(tmp_path / "m.ckpt").trigger.alpha == 0.2
     assert list((tmp_path / "cache").glob("*.pt")), "the poisoned copy was cached"
 
