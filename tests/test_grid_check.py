@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from datamodules.poisoning import poison_indices
+from datamodules.triggers import TRIGGERS
 from datamodules.splits import split_by_spc
 from experiments.grid import Grid
 from grid import main
@@ -114,7 +115,8 @@ def test_bad_grid_file_is_one_line(tmp_path, capsys) -> None:
     path = grid_file(tmp_path, attacks=["badnet"])
     with pytest.raises(SystemExit) as end:
         main(["check", str(path)])
-    assert end.value.code == f"{path}: grid tiny: unknown attack 'badnet' (no configs/attack/badnet.yaml)"
+    known = ", ".join(sorted({"clean", *TRIGGERS}))
+    assert end.value.code == f"{path}: grid tiny: unknown attack 'badnet'; registered: {known}"
 
 
 def test_missing_data_is_said_and_partly_checked(tmp_path, capsys) -> None:
