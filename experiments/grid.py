@@ -320,11 +320,15 @@ class Grid:
         once = set(d.get("once_per_model", []))
         training_seed = d.get("seed_everything", SPLIT_SEED)
         runs = []
+        configs: dict[tuple[str, str], list[str]] = {}  # per (defense, dataset): 124,128 runs share 48 of them
         for attack in attack_runs if attack_runs is not None else self.attack_runs():
             for defense in d.get("defenses", []):
+                if (defense, attack.dataset) not in configs:
+                    configs[defense, attack.dataset] = config_args(*self.method_configs("defense", defense,
+                                                                                        attack.dataset))
                 combos = [(spcs[0], seeds[0])] if defense in once else itertools.product(spcs, seeds)
                 for spc, seed in combos:
-                    args = [*config_args(*self.method_configs("defense", defense, attack.dataset)),
+                    args = [*configs[defense, attack.dataset],
                             "--data.spc", str(spc), "--data.split_seed", str(seed),
                             "--seed_everything", str(seed if training_seed == SPLIT_SEED else training_seed),
                             *map(str, d.get("args", [])), *map(str, d.get("per_defense_args", {}).get(defense, []))]

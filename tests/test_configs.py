@@ -37,9 +37,11 @@ OVERRIDES = {
     "attack/sig.yaml": ["--data.init_args.poison_ratio", "0.05"],
     # the seeded untrained encoder: the reference's encoder training is GPU work (the hook still runs)
     "attack/ssba.yaml": [f"{_T}.epochs", "0", f"{_T}.width", "4"],
-    # a 1-epoch surrogate, 10 images, 1 pass: the generation path, not a useful pattern
+    # a 1-epoch surrogate (the victim's backbone, here SmallCNN at width 8), 10 images, 1 pass: the generation
+    # path, not a useful pattern
     "attack/lf.yaml": [f"{_T}.generate.surrogate_epochs", "1", f"{_T}.generate.num_images", "10",
-                       f"{_T}.generate.passes", "1", f"{_T}.generate.max_iter", "20"],
+                       f"{_T}.generate.passes", "1", f"{_T}.generate.max_iter", "20",
+                       "--model.init_args.backbone.init_args.width", "8"],
 }
 
 
@@ -117,6 +119,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     """Two CPU processes with DDP (gloo) train and test the quickstart; metrics are reduced across them."""
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml"),
            "--config", str(CONFIGS / "trainer/cpu_ddp.yaml"), "--trainer.max_epochs", "1",
+           "--trainer.limit_train_batches", "2", "--model.init_args.backbone.init_args.width", "8",
            "--trainer.enable_progress_bar", "false"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -71,6 +71,7 @@ def test_gallery_script(tmp_path, monkeypatch) -> None:
     g = "--data.init_args.trigger.init_args.generate"
     tiny_lf = [f"lf={g}.{k}={v}" for k, v in (("surrogate_epochs", 1), ("num_images", 5), ("passes", 1),
                                                ("max_iter", 5), ("holdout_per_class", 1))]
+    tiny_lf.append("lf=--model.init_args.backbone.init_args.width=8")  # the surrogate is the victim's SmallCNN
     monkeypatch.setenv("BACKDOOR_BENCH_CACHE", str(tmp_path / "cache"))  # LF generates against the run's backbone
     out = main(["--attacks", "badnets", "wanet", "lf", "--num_images", "3", "--scale", "1",
                 *(a for item in tiny_lf for a in ("--set", item)), "--out", str(tmp_path / "all.png")])
