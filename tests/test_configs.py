@@ -115,6 +115,7 @@ def test_config_runs(rel: Path, tmp_path: Path, request) -> None:
         assert [e.path for e in artifact.manifest.contents] == ["last.ckpt"] and artifact.type == "attack"
 
 
+@pytest.mark.slow  # ~15 s: two processes start; the metrics' DDP reduction is in the fast suite (test_metrics.py)
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     """Two CPU processes with DDP (gloo) train and test the quickstart; metrics are reduced across them."""
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(CONFIGS / "quickstart.yaml"),

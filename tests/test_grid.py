@@ -281,9 +281,21 @@ def assert_unchanged(records: list[Path]) -> dict[Path, int]:
 
 @pytest.fixture(scope="module")
 def finished_grid(tmp_path_factory) -> dict:
-    """The tiny grid run for real: stopped by SIGTERM after its first finished defense run, resumed and killed
-    with SIGKILL after the next one, then resumed to the end."""
+    """The tiny grid run to the end by one runner (interrupted and resumed: test_kill_and_resume, marked slow)."""
     tmp_path = tmp_path_factory.mktemp("grid")
+    path = write_grid(tmp_path)
+    runner = run_grid_cli("run", str(path), "--quiet", cwd=tmp_path)
+    output, _ = runner.communicate(timeout=900)
+    assert runner.returncode == 0, output
+    return {"path": path, "runs": tmp_path / "runs", "tmp": tmp_path}
+
+
+@pytest.mark.slow  # ~55 s on 2 CPU cores: five runners and their workers start
+def test_kill_and_resume(tmp_path) -> None:
+    """The tiny grid run for real: stopped by SIGTERM after its first finished defense run, resumed and killed
+    with SIGKILL after the next one, then resumed to the end by two runners at once."""
+    from experiments.results import collect
+
     path = write_grid(tmp_path)
     runs = tmp_path / "runs"
     runner = run_until_records(path, runs, 1, tmp_path)
@@ -300,23 +312,16 @@ def finished_grid(tmp_path_factory) -> dict:
     resumed = [run_grid_cli("run", str(path), "--quiet", cwd=tmp_path) for _ in range(2)]
     outputs = [r.communicate(timeout=900)[0] for r in resumed]
     assert [r.returncode for r in resumed] == [0, 0], outputs
-    return {"path": path, "runs": runs, "kept": kept, "tmp": tmp_path, "outputs": outputs}
-
-
-def test_kill_and_resume(finished_grid) -> None:
-    from experiments.results import collect
-
-    runs = finished_grid["runs"]
     table = collect(runs)
     assert sorted(zip(table["defense"], table["split_seed"])) == [("CLP", 0), ("FT", 0), ("FT", 1), ("FT", 2)], \
         "every run exactly once"
-    for path in runs.glob("defenses/*/*/result.json"):
-        json.loads(path.read_text())  # no corrupt record
-        rows = (path.parent / "metrics.csv").read_text().splitlines()
+    for record in runs.glob("defenses/*/*/result.json"):
+        json.loads(record.read_text())  # no corrupt record
+        rows = (record.parent / "metrics.csv").read_text().splitlines()
         assert rows.count(rows[0]) == 1, "one run per folder (two runs' CSV logs mixed)"
-    for path, mtime in finished_grid["kept"].items():
-        assert path.stat().st_mtime_ns == mtime, "a run finished before the kill is not redone"
-    again = run_grid_cli("run", str(finished_grid["path"]), "--quiet", cwd=finished_grid["tmp"])
+    for record, mtime in kept.items():
+        assert record.stat().st_mtime_ns == mtime, "a run finished before the kill is not redone"
+    again = run_grid_cli("run", str(path), "--quiet", cwd=tmp_path)
     assert again.wait(timeout=300) == 0 and len(collect(runs)) == 4
 
 

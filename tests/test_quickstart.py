@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import CONFIGS, run_cli
 
 
+@pytest.mark.slow  # ~20 s on 2 CPU cores; the fast suite trains the same recipe at width 16 (conftest.py)
 def test_quickstart_reaches_high_asr(tmp_path) -> None:
     cli = run_cli("fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_epochs", "10",
                   "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
