@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from datamodules.cache import fingerprint
 from datamodules.datasets import DataSpec, get_dataset
 from datamodules.loader import TensorImages, tensor_loader
 from datamodules.poisoning import backdoor_test_set
@@ -121,6 +122,11 @@ class MitigationDataModule(TensorDataModule):
         """The tensors of one part: "train" (D_m minus D_v) and "val" (D_v) as (images, labels); the test sets
         "clean" as (images, labels) and "backdoor" as (triggered images, attack labels, true labels)."""
         return super().tensors(part)
+
+    def test_digest(self) -> str:
+        """A digest of the test sets' tensors as they are now: what the cache of "before" measurements
+        (lightning_modules/defenses/evaluation.py) keys them by."""
+        return fingerprint([self._sets[k].tensors for k in ("clean", "backdoor") if k in self._sets])
 
     def train_dataloader(self) -> DataLoader:
         return tensor_loader(self._sets["train"], self.batch_size, shuffle=True, num_samples=self.samples_per_epoch)

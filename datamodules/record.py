@@ -6,14 +6,16 @@ Three records, each a TypedDict with a `schema_version` (dicts on disk and in me
 - `BackdoorRecord`: `checkpoint["backdoor"]` of every attack checkpoint (and of every defended one, which carries
   its attacked model's), enough to rebuild the run: the backbone config, the data (dataset, folder, `DataSpec`),
   and the attack (trigger config and state, target, ratio, poisoned indices; None for a clean model).
-- `DefenseResult`: a defense run's `result.json`: the run's identity, ACC/ASR/RA before and after, the scores,
-  seconds, the training seed and the whole config.
+- `DefenseResult`: a defense run's `result.json`: the run's identity, ACC/ASR/RA before and after (and whether
+  "before" was measured or read from the attacked model's cache), the scores, seconds per stage, the training seed
+  and the whole config.
 - `AttackResult`: the grid runner's `attack.json` for a finished attacked model: its identity and trigger config
   (from its checkpoint's BackdoorRecord), epochs, training seed and test metrics.
 
 A record without `schema_version` was written before the field existed and is read as version 1 (the backdoor
 record then had `version: 1`; result.json had no `seed`; attack.json held the grid's planned fields instead of the
-run's identity). `read_*` bring every older record up to SCHEMA_VERSION, so readers see one shape.
+run's identity; up to version 2, result.json's seconds were `defense` and `total` only, and it had no
+`before_source`). `read_*` bring every older record up to SCHEMA_VERSION, so readers see one shape.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 from core.backbones import current_class_path
 
 BACKDOOR_KEY = "backdoor"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RECORD_VERSION = SCHEMA_VERSION  # the old name, kept for code that writes records by hand (tests)
 
 
@@ -102,7 +104,10 @@ class DefenseResult(TypedDict):
     rdr: float
     der: float
     rir: float
-    seconds: dict[str, float]  # defense: the method's own work; total: with both measurements
+    # load (checkpoint, D_m, test sets), before, method (the defense's own work), after, total; version <= 2 records:
+    # method and total only (the others None)
+    seconds: dict[str, float | None]
+    before_source: str | None  # "measured" or "cache" (lightning_modules/defenses/evaluation.py); None: version <= 2
     defense_info: dict[str, Any]
     config: dict[str, Any]
     attacked_checkpoint: str
@@ -164,6 +169,7 @@ def defense_result(
     after: Scores,
     scores: dict[str, float],
     seconds: dict[str, float],
+    before_source: str,
     defense_info: dict[str, Any],
     config: dict[str, Any],
     attacked_checkpoint: str,
@@ -179,7 +185,8 @@ def defense_result(
         target=attack.get("target"), spc=data["spc"], ratio=data["ratio"], split_seed=data["split_seed"], seed=seed,
         val_convention=data["val_convention"], dm_source=data["dm_source"], before=before, after=after,
         arr=scores["arr"], rdr=scores["rdr"], der=scores["der"], rir=scores["rir"], seconds=seconds,
-        defense_info=defense_info, config=config, attacked_checkpoint=attacked_checkpoint,
+        before_source=before_source, defense_info=defense_info, config=config,
+        attacked_checkpoint=attacked_checkpoint,
         attack_record={k: v for k, v in attack.items() if k not in ("trigger", "poison_indices")},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         versions={"torch": str(torch.__version__), "lightning": str(L.__version__)},
@@ -282,8 +289,12 @@ def load_record(path: str | Path, mmap: bool = False) -> BackdoorRecord:
 
 
 def read_result(result: dict[str, Any], path: str | Path = "<result>") -> DefenseResult:
-    """A result.json record at SCHEMA_VERSION (version 1 did not state the training seed: None)."""
-    schema_version(result, f"{path}")
+    """A result.json record at SCHEMA_VERSION (version 1 did not state the training seed: None; versions 1-2 timed
+    the method as `defense` and did not time loading and the measurements: None)."""
+    if schema_version(result, f"{path}") <= 2:
+        old = result.get("seconds") or {}
+        seconds = {"load": None, "before": None, "method": old.get("defense"), "after": None, "total": old.get("total")}
+        result = {**result, "seconds": seconds, "before_source": None}
     return DefenseResult(**{"seed": None, **result, "schema_version": SCHEMA_VERSION})
 
 

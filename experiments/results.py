@@ -31,7 +31,7 @@ KEY = "run_key"  # "<attack key>/<defense run key>": the same configuration wher
 METRICS = ["acc", "asr", "ra"]
 NAMES = ["dataset", "attack", "backbone", "poison_ratio", "defense", "spc", "split_seed", "seed"]
 COLUMNS = [*NAMES, "attack_key", KEY, *(f"{m}_{s}" for s in ("before", "after") for m in METRICS),
-           "arr", "rdr", "der", "rir", "seconds", "seconds_total", "grid", "source"]
+           "arr", "rdr", "der", "rir", "seconds", "seconds_total", "before_source", "grid", "source"]
 ATTACK_COLUMNS = ["dataset", "attack", "backbone", "poison_ratio", "seed", "epochs", "acc", "asr", "ra", "seconds",
                   "attack_key", "grid", "source"]
 
@@ -42,8 +42,9 @@ def record_row(result: DefenseResult, run_key: str, grid: str, source: str) -> d
         for m in METRICS:
             row[f"{m}_{stage}"] = result[stage][m]
     row |= {k: result[k] for k in ("arr", "rdr", "der", "rir")}
-    row["seconds"] = result["seconds"]["defense"]
+    row["seconds"] = result["seconds"]["method"]
     row["seconds_total"] = result["seconds"]["total"]
+    row["before_source"] = result["before_source"]
     row |= {"grid": grid, "source": source}
     return row
 
@@ -133,7 +134,7 @@ def legacy_wandb_record(summary: dict[str, Any], config: dict[str, Any]) -> dict
     fields = config.get("grid") or {}
     result: dict[str, Any] = {stage: {m: summary[f"{stage}/{m}"] for m in METRICS} for stage in ("before", "after")}
     result |= {k: summary[k] for k in ("arr", "rdr", "der", "rir")}
-    result["seconds"] = {"defense": summary.get("seconds/defense"), "total": None}
+    result["seconds"] = {"defense": summary.get("seconds/defense"), "total": None}  # a version 1 record
     attack = fields.get("attack")
     result |= {"dataset": fields.get("dataset"), "poison_ratio": fields.get("poison_ratio"),
                "attack": class_name(ATTACKS if attack in ATTACKS else TRIGGERS, attack),

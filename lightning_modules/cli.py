@@ -69,9 +69,11 @@ class BackdoorCLI(LightningCLI):
         parser.link_arguments("model.init_args.backdoored", "data.init_args.backdoored")
 
     def after_fit(self) -> None:
-        """Every fit ends with the test stage on the final weights (test/acc, test/asr, test/ra); a W&B run also
-        gets the defense's result record in its config and the checkpoint and result.json as an artifact."""
-        if not self.trainer.interrupted:
+        """An attack's fit ends with the test stage on the final weights (test/acc, test/asr, test/ra); a defense
+        measured them itself as "after" (its result record; testing again would repeat that measurement). A W&B
+        run also gets the defense's result record in its config and the checkpoint and result.json as an
+        artifact."""
+        if not self.trainer.interrupted and not isinstance(self.model, defenses.Defense):
             self.trainer.test(self.model, datamodule=self.datamodule)
         wandb_loggers = [lg for lg in self.trainer.loggers if type(lg).__name__ == "WandbLogger"]
         if wandb_loggers and self.trainer.is_global_zero and not self.trainer.interrupted:

@@ -65,7 +65,8 @@ def test_rows_take_what_a_run_was_from_its_record(tmp_path) -> None:
     scores = {"acc": 0.9, "asr": 0.1, "ra": 0.8}
     record = {"schema_version": SCHEMA_VERSION, "dataset": "digits", "attack": "LIRA", "backbone": "SmallCNN",
               "poison_ratio": 1.0, "defense": "FT", "spc": 10, "split_seed": 0, "seed": 5, "before": scores,
-              "after": scores, "arr": 0.0, "rdr": 0.1, "der": 0.5, "rir": 0.7, "seconds": {"defense": 1, "total": 2}}
+              "after": scores, "arr": 0.0, "rdr": 0.1, "der": 0.5, "rir": 0.7, "seconds": {"load": 0.5, "before": 0.2, "method": 1, "after": 0.3, "total": 2},
+              "before_source": "measured"}
     (run / "result.json").write_text(json.dumps(record))
     row = collect(tmp_path).iloc[0]
     assert (row["attack"], row["backbone"], row["poison_ratio"], row["defense"], row["seed"]) == \

@@ -13,8 +13,9 @@ only their method, through three hooks and Lightning's usual ones:
                applied to the weights.
 
 The base measures ACC/ASR/RA on the test sets before and after (the defense itself never sees them: every
-choice must use D_m / D_v, which `self.mitigation` exposes), writes the result record atomically to
-`<run dir>/result.json`, logs it, and saves the defended model as `<run dir>/checkpoints/last.ckpt`.
+choice must use D_m / D_v, which `self.mitigation` exposes; "before" comes from the attacked model's cache when
+another run measured it, evaluation.py), writes the result record atomically to `<run dir>/result.json` with the
+seconds of each stage, logs it, and saves the defended model as `<run dir>/checkpoints/last.ckpt`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from core.metrics import AttackSuccessRate, RecoveryAccuracy, arr, der, rdr, rir
-from datamodules.backdoor import CLEAN
 from datamodules.checkpoint import load_attacked
 from datamodules.mitigation import MitigationDataModule
 from datamodules.record import (
@@ -47,6 +47,7 @@ from datamodules.record import (
     write_json,
 )
 from lightning_modules.classifier import ImageClassifier
+from lightning_modules.defenses.evaluation import EVAL_VERSION, BeforeCache
 
 DEFENSE_KEY = "defense"
 
@@ -83,6 +84,7 @@ class Defense(ImageClassifier):
         channels_last: bool = True,
     ) -> None:
         super().__init__(channels_last=channels_last)
+        self._clock: dict[str, float] = {"load": time.perf_counter()}
         run = load_attacked(backdoored, restore=f"{type(self).__module__}.{type(self).__qualname__}")
         self.backdoored, self.result_file, self.save_defended = backdoored, result_file, save_defended
         self.backdoor_record = run.record
@@ -90,7 +92,7 @@ class Defense(ImageClassifier):
         self.set_net(run.net.train())
         self.result: dict[str, Any] | None = None
         self._before: dict[str, float] | None = None
-        self._clock: dict[str, float] = {}
+        self.before_source: str | None = None  # "measured" or "cache" (evaluation.py)
         # frozen networks the method compares against (a teacher, the original model): not submodules, so never
         # checkpointed nor trained; they follow the module's device
         self.references: dict[str, nn.Module] = {}
@@ -262,16 +264,16 @@ class Defense(ImageClassifier):
                 f"{type(self).__name__}: resuming a defense run (fit --ckpt_path {self.trainer.ckpt_path}) is not "
                 f"supported; start it again without --ckpt_path (defenses are short; the grid runner redoes "
                 f"interrupted runs), or evaluate the defended checkpoint with `train.py test`")
-        self._clock["start"] = time.perf_counter()
-        self._before = self.measure()
-        self._clock["method_start"] = time.perf_counter()
+        self._clock["before"] = time.perf_counter()
+        self._before, self.before_source = self.measure_before()
+        self._clock["method"] = time.perf_counter()
         self.prepare()
 
     def on_fit_end(self) -> None:
         self.finish()
         if self.measure_dm_acc:
             self.dm_acc_after = self.accuracy(*self.mitigation_data("train"))
-        self._clock["method_end"] = time.perf_counter()
+        self._clock["after"] = time.perf_counter()
         after = self.measure()
         self._clock["end"] = time.perf_counter()
         self.result = self.result_record(self._before, after)
@@ -285,46 +287,67 @@ class Defense(ImageClassifier):
             rank_zero_info(
                 f"{type(self).__name__}: ACC {b['acc']:.4f} -> {a['acc']:.4f}, ASR {b['asr']:.4f} -> {a['asr']:.4f}, "
                 f"RA {b['ra']:.4f} -> {a['ra']:.4f}; ARR {self.result['arr']:.4f}, RDR {self.result['rdr']:.4f}; "
-                f"{self.result['seconds']['defense']:.1f} s; result: {self.result_path()}"
+                f"{self.result['seconds']['method']:.1f} s; result: {self.result_path()}"
             )
+
+    def measure_before(self) -> tuple[dict[str, float], str]:
+        """The attacked model's ACC / ASR / RA: from the cache beside its checkpoint when a run measured them
+        with the same weights, test sets and settings (evaluation.py), else measured here and cached."""
+        data, trainer = self.mitigation, self.trainer
+        cache = BeforeCache(self.backdoored, {
+            "eval_version": EVAL_VERSION, "weights": self.net.state_dict(), "test_sets": data.test_digest(),
+            "precision": str(trainer.precision), "device": self.device.type, "channels_last": self.channels_last,
+            "batch_size": data.eval_batch_size, "torch": str(torch.__version__)})
+        cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)  # all ranks agree
+        if cached is not None:
+            return cached, "cache"
+        start = time.perf_counter()
+        before = self.measure()
+        if trainer.is_global_zero:
+            cache.write(before, time.perf_counter() - start)
+        return before, "measured"
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
-        """ACC / ASR / RA on the benchmark's test sets (never used for a choice). Shards batches across
-        processes; the metrics sum their counts over all of them."""
+        """ACC / ASR / RA on the benchmark's test sets (never used for a choice): their uint8 tensors in batches of
+        data.eval_batch_size, on the device, no host sync until the end. Shards batches across processes; the
+        metrics sum their counts over all of them."""
         metrics = {
-            "acc": MulticlassAccuracy(self.spec.num_classes, average="micro"),
+            "acc": MulticlassAccuracy(self.spec.num_classes, average="micro", validate_args=False),
             "asr": AttackSuccessRate(), "ra": RecoveryAccuracy(),
         }
         metrics = {k: m.to(self.device) for k, m in metrics.items()}
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        size = self.mitigation.eval_batch_size
         was_training = self.training
         self.eval()
         with self.autocast():
-            for idx, loader in enumerate(self.mitigation.test_dataloader()):
-                for b, batch in enumerate(loader):
+            for part in ("clean", "backdoor") if self.backdoor_record["attack"] is not None else ("clean",):
+                tensors = [t.to(self.device) for t in self.mitigation.tensors(part)]
+                for b, i in enumerate(range(0, len(tensors[0]), size)):
                     if b % world != rank:
                         continue
-                    batch = [t.to(self.device) for t in batch]
-                    if idx == CLEAN:
-                        metrics["acc"].update(self(batch[0]), batch[1])
+                    x, *labels = (t[i : i + size] for t in tensors)
+                    logits = self(x)
+                    if part == "clean":
+                        metrics["acc"].update(logits, labels[0])
                     else:
-                        logits = self(batch[0])
-                        metrics["asr"].update(logits, batch[1])
-                        metrics["ra"].update(logits, batch[2])
+                        metrics["asr"].update(logits, labels[0])
+                        metrics["ra"].update(logits, labels[1])
         self.train(was_training)
         has_backdoor = self.backdoor_record["attack"] is not None
         return {k: float(m.compute()) if (k == "acc" or has_backdoor) else float("nan") for k, m in metrics.items()}
 
     def result_record(self, before: dict[str, float], after: dict[str, float]) -> DefenseResult:
-        data = self.mitigation
+        data, c = self.mitigation, self._clock
         return defense_result(
             self.backdoor_record, type(self).__name__, data.record(), before, after,
             scores={"arr": arr(before["acc"], after["acc"]), "rdr": rdr(before["acc"], after["ra"]),
                     "der": der(before["acc"], after["acc"], before["asr"], after["asr"]),
                     "rir": rir(before["acc"], after["acc"], before["ra"], after["ra"])},
-            seconds={"defense": self._clock["method_end"] - self._clock["method_start"],
-                     "total": self._clock["end"] - self._clock["start"]},
+            seconds={"load": c["before"] - c["load"], "before": c["method"] - c["before"],
+                     "method": c["after"] - c["method"], "after": c["end"] - c["after"], "total": c["end"] - c["load"]},
+            before_source=self.before_source,
             defense_info=self.info(),
             config={"model": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                               "init_args": plain(dict(self.hparams))},
@@ -369,5 +392,5 @@ def trainer_config(trainer: L.Trainer) -> dict[str, Any]:
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     flat = {f"{stage}/{k}": v for stage in ("before", "after") for k, v in result[stage].items()}
     flat |= {k: result[k] for k in ("arr", "rdr", "der", "rir")}
-    flat["seconds/defense"] = result["seconds"]["defense"]
+    flat |= {f"seconds/{k}": v for k, v in result["seconds"].items()}
     return flat
