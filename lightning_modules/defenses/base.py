@@ -298,6 +298,11 @@ class Defense(ImageClassifier):
             "eval_version": EVAL_VERSION, "weights": self.net.state_dict(), "test_sets": data.test_digest(),
             "precision": str(trainer.precision), "device": self.device.type, "channels_last": self.channels_last,
             "batch_size": data.eval_batch_size, "torch": str(torch.__version__)})
+        # the measurement over DataLoaders that this one replaced drew one seed per test set from the global
+        # generator (DataLoader's _base_seed): the same draws here keep every method's random stream, and so its
+        # results, what they were, and the same whether "before" is measured or read
+        for _ in range(2 if self.backdoor_record["attack"] is not None else 1):
+            torch.empty((), dtype=torch.int64).random_()
         cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)  # all ranks agree
         if cached is not None:
             return cached, "cache"
