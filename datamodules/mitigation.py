@@ -123,6 +123,13 @@ class MitigationDataModule(TensorDataModule):
         "clean" as (images, labels) and "backdoor" as (triggered images, attack labels, true labels)."""
         return super().tensors(part)
 
+    def test_set(self, part: str) -> tuple[Tensor, ...]:
+        """The benchmark's test set "clean" (images, labels) or "backdoor" (triggered images, attack labels, true
+        labels), for the base's before/after measurement only: a defense reads its data through `tensors`."""
+        if part not in ("clean", "backdoor"):
+            raise KeyError(f"no test set {part!r} (have clean and backdoor)")
+        return self._sets[part].tensors
+
     def test_digest(self) -> str:
         """A digest of the test sets' tensors as they are now: what the cache of "before" measurements
         (lightning_modules/defenses/evaluation.py) keys them by."""

@@ -281,12 +281,17 @@ def assert_unchanged(records: list[Path]) -> dict[Path, int]:
 
 @pytest.fixture(scope="module")
 def finished_grid(tmp_path_factory) -> dict:
-    """The tiny grid run to the end by one runner (interrupted and resumed: test_kill_and_resume, marked slow)."""
+    """The tiny grid's runs, each run to the end in this process as a runner's worker runs it (`execute`; the
+    runner's own processes, interrupted and resumed: test_kill_and_resume, marked slow)."""
+    from experiments.runner import attack_job, defense_job, execute
+
     tmp_path = tmp_path_factory.mktemp("grid")
     path = write_grid(tmp_path)
-    runner = run_grid_cli("run", str(path), "--quiet", cwd=tmp_path)
-    output, _ = runner.communicate(timeout=900)
-    assert runner.returncode == 0, output
+    grid = Grid.load(path)
+    attacks = grid.attack_runs()
+    for job in [*(attack_job(grid, a) for a in attacks), *(defense_job(grid, d) for d in grid.defense_runs(attacks))]:
+        outcome = execute(job)
+        assert outcome["status"] == "done", outcome
     return {"path": path, "runs": tmp_path / "runs", "tmp": tmp_path}
 
 

@@ -266,6 +266,7 @@ class Defense(ImageClassifier):
                 f"interrupted runs), or evaluate the defended checkpoint with `train.py test`")
         self._clock["before"] = time.perf_counter()
         self._before, self.before_source = self.measure_before()
+        self.train(self.training)  # Lightning keeps the modules' modes: this applies freeze_bn before training
         self._clock["method"] = time.perf_counter()
         self.prepare()
 
@@ -328,7 +329,7 @@ class Defense(ImageClassifier):
         self.eval()
         with self.autocast():
             for part in ("clean", "backdoor") if self.backdoor_record["attack"] is not None else ("clean",):
-                tensors = [t.to(self.device) for t in self.mitigation.tensors(part)]
+                tensors = [t.to(self.device) for t in self.mitigation.test_set(part)]
                 for b, i in enumerate(range(0, len(tensors[0]), size)):
                     if b % world != rank:
                         continue
