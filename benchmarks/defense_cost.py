@@ -39,7 +39,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         files = [configs / f"{defense}.yaml", configs / "survey" / f"{defense}.yaml"]
         cli_args = [a for f in files if f.exists() for a in ("--config", str(f))]
         cli_args += ["--model.backdoored", str(checkpoint.resolve()), "--data.spc", str(spc),
-                     "--data.split_seed", str(seed), "--seed_everything", str(seed), *args.per_defense.get(defense, []),
+                     "--data.split_seed", str(seed), "--seed_everything", str(seed),
                      "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                      "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(folder)]
         argv, sys.argv = sys.argv, sys.argv[:1]
@@ -59,7 +59,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
 
 def compare(old_path: str, new_path: str) -> None:
     old, new = (json.loads(Path(p).read_text()) for p in (old_path, new_path))
-    key = lambda r: (r["attack"], r["defense"], r["spc"], r["split_seed"])  # noqa: E731
+    key = lambda r: (r["attack"], r["defense"], r["spc"], r["split_seed"])
     old_rows, new_rows = {key(r): r for r in old["runs"]}, {key(r): r for r in new["runs"]}
     common = sorted(old_rows.keys() & new_rows.keys())
     same = [k for k in common if all(old_rows[k][s] == new_rows[k][s] for s in ("before", "after"))]
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         compare(*args.compare)
         return
-    args.per_defense = {}
     rows = run_all(args)
     if args.out:
         import platform

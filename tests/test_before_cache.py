@@ -66,3 +66,9 @@ def test_an_unwritable_cache_folder_costs_a_measurement_not_the_run(model, run_d
         second = run_defense("ft", model, epochs=0)
     assert first.result["before_source"] == second.result["before_source"] == "measured"
     assert json.loads(first.result_path().read_text())["before_source"] == "measured"
+
+
+def test_a_nonsense_cache_setting_is_refused(model, run_defense, monkeypatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, "of")
+    with pytest.raises(ValueError, match="BACKDOOR_BENCH_BEFORE_CACHE='of': set it to on or off"):
+        run_defense("ft", model, epochs=0)

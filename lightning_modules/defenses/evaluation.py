@@ -35,16 +35,18 @@ class BeforeCache:
         checkpoint = Path(checkpoint)
         self.digest = fingerprint(key)
         self.path = checkpoint.parent / f"{checkpoint.stem}.before" / f"{self.digest}.json"
-        self.enabled = os.environ.get(CACHE_ENV, "on").lower() not in ("off", "0", "false", "no")
+        setting = os.environ.get(CACHE_ENV, "on").lower()
+        if setting not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"{CACHE_ENV}={os.environ[CACHE_ENV]!r}: set it to on or off (off measures 'before' in "
+                             f"every run)")
+        self.enabled = setting in ("on", "1", "true", "yes")
 
     def read(self) -> dict[str, float] | None:
         """The cached scores, or None (no entry, or an unreadable one: it is measured again and replaced)."""
         if not self.enabled or not self.path.is_file():
             return None
         try:
-            entry = json.loads(self.path.read_text())
-            if entry["key"] != self.digest:
-                return None
+            entry = json.loads(self.path.read_text())  # its name is the key's digest
             return {k: float(entry["before"][k]) for k in ("acc", "asr", "ra")}
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -53,8 +55,7 @@ class BeforeCache:
         if not self.enabled:
             return
         try:
-            write_json(self.path, {"key": self.digest, "before": before, "seconds": seconds,
-                                   "eval_version": EVAL_VERSION})
+            write_json(self.path, {"before": before, "seconds": seconds, "eval_version": EVAL_VERSION})
         except OSError as err:
             warnings.warn(f"could not cache the 'before' measurement in {self.path} ({err}); every run on this "
                           f"model measures it again", stacklevel=2)
