@@ -206,6 +206,8 @@ def run_grid(
         by_attack[d.attack.key].append(d)
     workers = len(devices) * jobs_per_device
     threads = max(1, (os.cpu_count() or 1) // workers) if devices == ["cpu"] * len(devices) else 4
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's choice, e.g. to leave cores to other work
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     for device in devices:
