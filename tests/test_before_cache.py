@@ -72,3 +72,17 @@ def test_a_nonsense_cache_setting_is_refused(model, run_defense, monkeypatch) ->
     monkeypatch.setenv(CACHE_ENV, "of")
     with pytest.raises(ValueError, match="BACKDOOR_BENCH_BEFORE_CACHE='of': set it to on or off"):
         run_defense("ft", model, epochs=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("epochs", [0, 1], ids=["data-free", "trained"])
+def test_before_and_after_are_measured_on_the_runs_device(model, run_defense, monkeypatch, epochs) -> None:
+    """Lightning's teardown moves the module to the CPU before on_fit_end: "after" must still run on the GPU."""
+    from lightning_modules.defenses.base import Defense
+
+    devices, measure = [], Defense.measure
+    monkeypatch.setattr(Defense, "measure", lambda self: devices.append(self.device.type) or measure(self))
+    monkeypatch.setenv(CACHE_ENV, "off")
+    run_defense("ft", model, epochs=epochs, trainer={"accelerator": "gpu", "devices": 1})
+    assert devices == ["cuda", "cuda"]

@@ -271,6 +271,10 @@ class Defense(ImageClassifier):
         self.prepare()
 
     def on_fit_end(self) -> None:
+        # Lightning calls on_fit_end after its teardown has moved the module to the CPU: back to the run's device
+        # for finish() and "after" (on a GPU both ran on the CPU before, ~60 s of PreAct-ResNet18 per run), and to
+        # the CPU again at the end, where Lightning leaves a fitted module
+        self.to(self.trainer.strategy.root_device)
         self.finish()
         if self.measure_dm_acc:
             self.dm_acc_after = self.accuracy(*self.mitigation_data("train"))
@@ -290,6 +294,7 @@ class Defense(ImageClassifier):
                 f"RA {b['ra']:.4f} -> {a['ra']:.4f}; ARR {self.result['arr']:.4f}, RDR {self.result['rdr']:.4f}; "
                 f"{self.result['seconds']['method']:.1f} s; result: {self.result_path()}"
             )
+        self.cpu()
 
     def measure_before(self) -> tuple[dict[str, float], str]:
         """The attacked model's ACC / ASR / RA: from the cache beside its checkpoint when a run measured them
