@@ -100,6 +100,7 @@ def test_prepare_without_the_files_says_what_to_place_where(tmp_path, monkeypatc
     assert f"into {tmp_path / 'cifar10' / 'raw'}" in lines[0]
 
 
+@pytest.mark.slow  # 9 s: two CLI processes
 def test_cli_help_for_a_defense_and_a_quiet_run(tmp_path, monkeypatch, capsys) -> None:
     """`--model.help FT` lists the defense's arguments; train.py run as a script prints no advertising tip, no
     missing-seed warning and no deprecation from inside Lightning."""

@@ -82,7 +82,11 @@ def data_dir_for(rel: Path, tmp_path: Path, request) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("rel", ALL, ids=[str(p) for p in ALL])
+SLOW = {Path("model/vgg19_bn.yaml")}  # 8 s: VGG19-BN's 20M parameters; its forward stays in test_backbones
+
+
+@pytest.mark.parametrize("rel", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in ALL],
+                         ids=[str(p) for p in ALL])
 def test_config_runs(rel: Path, tmp_path: Path, request) -> None:
     if rel.parts[0] == "defense":
         checkpoint = request.getfixturevalue("backdoored_checkpoint")["path"]

@@ -355,6 +355,7 @@ def check_test_leaves_files_alone(runs: Path, cwd: Path) -> None:
     assert digests() == before
 
 
+@pytest.mark.slow  # 8 s in a subprocess; the report's rows are also checked in-process (tables, W&B rows)
 def test_report_matches_records(finished_grid) -> None:
     check_report(finished_grid["runs"], finished_grid["tmp"])
 
@@ -424,6 +425,7 @@ def test_benchmark_tables_print_the_records_medians(finished_grid, monkeypatch, 
         assert f"| {marker['metrics']['test/acc']:.3f} |" in printed["attacks"]
 
 
+@pytest.mark.slow  # 10 s: a sweep agent's run in a subprocess; W&B logging stays in test_configs
 def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     """What a sweep agent executes: one defense run, logged to W&B offline, grouped by attacked model."""
     grid = Grid.load(finished_grid["path"])
@@ -445,6 +447,7 @@ def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     assert sorted(e.path for e in artifact.manifest.contents) == ["last.ckpt", "result.json"]
 
 
+@pytest.mark.slow  # 10 s: executes the whole notebook in a kernel
 def test_notebook_runs_on_grid_outputs(finished_grid) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

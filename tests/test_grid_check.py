@@ -161,6 +161,7 @@ def test_exact_check_on_prepared_labels(tmp_path, capsys) -> None:
     assert not any("attack sig; poison ratio 0.1" in line for line in lines)
 
 
+@pytest.mark.slow  # 11 s: checks all 124,128 survey runs; the grid checks above cover each rule
 def test_survey_grid_without_data(tmp_path, monkeypatch, capsys) -> None:
     """The survey grid as shipped: nothing infeasible, with no data/ at all (SIG on Tiny-ImageNet reads its ratio
     over the target class; D_m takes clean originals after SIG on CIFAR-10 at 0.1)."""

@@ -45,6 +45,7 @@ def test_the_walk_sees_lazy_imports(tmp_path) -> None:
     assert ("lightning_modules", 2) in imported_packages(source)
 
 
+@pytest.mark.slow  # 6 s: a fresh interpreter; the static import-layer test stays fast
 def test_data_layer_loads_without_systems() -> None:
     """Importing the data layer (and using it to build a backbone) leaves lightning_modules unimported."""
     code = ("import sys, datamodules, datamodules.checkpoint, datamodules.lf_pattern, core.backbones as b; "

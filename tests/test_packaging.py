@@ -44,9 +44,11 @@ def test_wheel_carries_configs_license_and_entry_point(installed) -> None:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["grid", "count", "configs/grids/quickstart.yaml"], "quickstart: 2 attacked models, 42 defense runs"),
+    # 6 s each (a fresh interpreter): the CLI with the shipped configs in the fast suite, the other two -m slow
+    pytest.param(["grid", "count", "configs/grids/quickstart.yaml"], "quickstart: 2 attacked models, 42 defense runs",
+                 marks=pytest.mark.slow),
     (["fit", "--config", "configs/quickstart.yaml", "--print_config"], "class_path: datamodules.BackdoorDataModule"),
-    (["prepare", "--help"], "usage:"),
+    pytest.param(["prepare", "--help"], "usage:", marks=pytest.mark.slow),
 ])
 def test_backdoor_bench_outside_a_checkout(installed, tmp_path, args, expected) -> None:
     env = {**os.environ, "PYTHONPATH": str(installed / "site")}
