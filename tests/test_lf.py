@@ -208,6 +208,7 @@ def test_surrogate_checkpoint(tmp_path, backbone_checkpoint, monkeypatch) -> Non
         generate_pattern(PatternGeneration(**{**settings, "surrogate_checkpoint": str(tmp_path / "no.ckpt")}))
 
 
+@pytest.mark.slow  # 6 s; static poisoning learning is the session fixture's (BadNets)
 def test_poisoning_learns_the_backdoor(tmp_path) -> None:
     """10% of digits poisoned with a 0..51 low-frequency blob: SmallCNN (width 16, batch 64) learns it in
     8 epochs: test ACC 0.953, ASR 1.000 (35 s on 2 CPU cores shared with other jobs; ~6 s expected idle)."""

@@ -166,6 +166,7 @@ def test_registered() -> None:
     assert ATTACKS["wanet"] is WaNet
 
 
+@pytest.mark.slow  # 9 s, and its outcome depends on the thread count; BPP's training test stays fast
 def test_trains_a_backdoor_on_digits(tmp_path) -> None:
     """SmallCNN (width 16) on digits, batch 64 (int(0.1 * 64) = 6 warped + 12 noise-mode per batch), constant
     lr 0.01, 12 epochs: a warp of s 1 without the batch augmentation is learned (ACC 0.99, ASR 0.85 measured).
