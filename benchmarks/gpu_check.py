@@ -30,21 +30,25 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datamodules.datasets import write_npz
+from datamodules.datasets import DATASETS
 from experiments.grid import Grid
 from experiments.runner import run_grid
 from lightning_modules.defenses import DEFENSES
+from train_speed import project_throughput, random_cifar, reference_throughput
 
 DEFENSES_TIMED = ["ft", "anp", "sau", "nc"]
-# relative cost of one image per dataset, for the projection: images per epoch and pixels per image over CIFAR-10's
-DATASET_SCALE = {"cifar10": (50_000, 1.0), "gtsrb": (39_209, 1.0), "tiny_imagenet": (100_000, 4.0)}
+TRAIN_IMAGES = {"cifar10": 50_000, "gtsrb": 39_209, "tiny_imagenet": 100_000}  # an attack epoch, for the projection
+
+
+def pixel_cost(dataset: str) -> float:
+    """Cost of one image relative to a 32x32 one (Tiny-ImageNet's 64x64: 4x)."""
+    return (DATASETS[dataset].spec.image_size / 32) ** 2
 
 
 class GpuMemory:
@@ -71,21 +75,11 @@ class GpuMemory:
         self._thread.join()
 
 
-def random_cifar(root: Path, train: int, test: int) -> str:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("test", test)):
-        write_npz(root / "cifar10" / f"{split}.npz", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                  np.arange(n) % 10)
-    return str(root)
-
-
 def training_speed(cfg: SimpleNamespace, data_dir: str) -> dict:
-    import train_speed
-
     args = SimpleNamespace(backbone=cfg.backbone, steps=cfg.speed_steps, warmup=cfg.speed_warmup, device=cfg.device,
                            precision=cfg.precision)
-    ours = train_speed.project_throughput(args, data_dir, channels_last=True)
-    refs = {w: train_speed.reference_throughput(args, data_dir, w) for w in cfg.ref_workers}
+    ours = project_throughput(args, data_dir, channels_last=True)
+    refs = {w: reference_throughput(args, data_dir, w) for w in cfg.ref_workers}
     best = max(refs, key=refs.get)
     return {"project_img_s": ours, "reference_img_s": refs, "ratio": ours / refs[best], "best_reference_workers": best}
 
@@ -136,13 +130,13 @@ def projection(speed: dict, stages: list[dict], survey: Path) -> dict:
     grid = Grid.load(survey)
     attacks = grid.attack_runs()
     epochs = int(grid.attacks["args"][grid.attacks["args"].index("--trainer.max_epochs") + 1])
-    attack_s = sum(epochs * DATASET_SCALE[a.dataset][0] * DATASET_SCALE[a.dataset][1] for a in attacks) \
+    attack_s = sum(epochs * TRAIN_IMAGES[a.dataset] * pixel_cost(a.dataset) for a in attacks) \
         / speed["project_img_s"]
     best = min(stages, key=lambda s: s["wall_per_run_s"])
     counts: dict[str, int] = {}
     for run in grid.defense_runs(attacks):
         counts[run.attack.dataset] = counts.get(run.attack.dataset, 0) + 1
-    defense_s = sum(n * DATASET_SCALE[d][1] * best["wall_per_run_s"] for d, n in counts.items())
+    defense_s = sum(n * pixel_cost(d) * best["wall_per_run_s"] for d, n in counts.items())
     return {"attacked_models": len(attacks), "defense_runs": sum(counts.values()), "attack_epochs": epochs,
             "attack_gpu_hours": attack_s / 3600, "defense_gpu_hours": defense_s / 3600,
             "total_gpu_hours": (attack_s + defense_s) / 3600, "jobs_per_device": best["jobs_per_device"],

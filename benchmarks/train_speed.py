@@ -112,10 +112,10 @@ def reference_throughput(args, data_dir: str, workers: int) -> float:
     return (args.steps - args.warmup) * BATCH / (time.perf_counter() - start)
 
 
-def random_cifar(root: Path) -> str:
+def random_cifar(root: Path, train: int = 50000, test: int = 1000) -> str:
     """Random images in the CIFAR-10 layout, for pure speed runs where the real files are absent."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 50000), ("test", 1000)):
+    for split, n in (("train", train), ("test", test)):
         write_npz(root / "cifar10" / f"{split}.npz", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                   np.arange(n) % 10)
     return str(root)
