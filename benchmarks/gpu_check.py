@@ -139,7 +139,7 @@ def projection(speed: dict, stages: list[dict], survey: Path) -> dict:
     defense_s = sum(n * pixel_cost(d) * best["wall_per_run_s"] for d, n in counts.items())
     return {"attacked_models": len(attacks), "defense_runs": sum(counts.values()), "attack_epochs": epochs,
             "attack_gpu_hours": attack_s / 3600, "defense_gpu_hours": defense_s / 3600,
-            "total_gpu_hours": (attack_s + defense_s) / 3600, "jobs_per_device": best["jobs_per_device"],
+            "total_gpu_hours": attack_s / 3600 + defense_s / 3600, "jobs_per_device": best["jobs_per_device"],
             "assumes": "every backbone trains at PreAct-ResNet18's images/s; every defense run (16 defenses, SPC 2, "
                        "10, 100) costs the mean wall seconds per run of FT, ANP, SAU, NC at SPC 10; Tiny-ImageNet "
                        "costs 4x per image (64x64 pixels)"}
