@@ -67,6 +67,7 @@ class BackdoorCLI(LightningCLI):
             parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
         parser.link_arguments("model.init_args.backbone", "data.init_args.victim_backbone", compute_fn=victim_backbone)
         parser.link_arguments("model.init_args.backdoored", "data.init_args.backdoored")
+        int_first(parser)
 
     def after_fit(self) -> None:
         """An attack's fit ends with the test stage on the final weights (test/acc, test/asr, test/ra); a defense
@@ -78,7 +79,8 @@ class BackdoorCLI(LightningCLI):
         wandb_loggers = [lg for lg in self.trainer.loggers if type(lg).__name__ == "WandbLogger"]
         if wandb_loggers and self.trainer.is_global_zero and not self.trainer.interrupted:
             log_to_wandb(wandb_loggers, self.trainer, self.model)
-        for logger in wandb_loggers:  # complete on disk when fit returns; the next run in this process starts anew
+        for logger in wandb_loggers:  # finished when fit returns (the W&B service writes its last records moments
+            # later; at the latest when the process exits); the next run in this process starts anew
             logger.experiment.finish()
 
     def before_instantiate_classes(self) -> None:
@@ -107,6 +109,19 @@ class BackdoorCLI(LightningCLI):
             if config.get("weights_only") is None:  # --ckpt_path: never unpickle code, whatever the torch default
                 config.weights_only = True
             defended_from_itself(config)
+
+
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                "val_check_interval")
+
+
+def int_first(parser: LightningArgumentParser) -> None:
+    """Lightning types the batch limits `float | int` (an int counts batches, a float is a share of the epoch) and
+    jsonargparse tries the union's types in order, so `--trainer.limit_train_batches 1` became 1.0: the whole
+    epoch instead of one batch. Trying int first reads `1` as one batch and `1.0` as all."""
+    for action in parser._actions:
+        if action.dest.startswith("trainer.") and action.dest.rpartition(".")[2] in BATCH_LIMITS:
+            action._typehint = int | float | None
 
 
 def victim_backbone(backbone: Any) -> dict[str, Any] | None:

@@ -237,14 +237,26 @@ def write_grid(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def wandb_records(run_dir: Path) -> dict[str, list]:
+def wandb_records(run_dir: Path, timeout: float = 60.0) -> dict[str, list]:
     """The records of an offline W&B run (`<dir>/run-<id>.wandb`: a 7-byte header, then LevelDB-log blocks of
-    32 KiB whose records hold protobuf wandb Records), grouped by record type: what `wandb sync` would upload."""
+    32 KiB whose records hold protobuf wandb Records), grouped by record type: what `wandb sync` would upload.
+    `run.finish()` returns before the W&B service has written the run's last records (it only informs the
+    service), so this reads again until the exit record is there, for at most `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _wandb_records(next(run_dir.glob("run-*.wandb")).read_bytes())
+        if "exit" in out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _wandb_records(raw: bytes) -> dict[str, list]:
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    raw = next(run_dir.glob("run-*.wandb")).read_bytes()
     out: dict[str, list] = {}
     pos, buf = 7, b""
     while pos + 7 <= len(raw):
@@ -252,7 +264,7 @@ def wandb_records(run_dir: Path) -> dict[str, list]:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or pos + 7 + length > len(raw):  # the end, or a record still being written
             break
         buf += raw[pos + 7:pos + 7 + length]
         pos += 7 + length

@@ -146,6 +146,17 @@ def test_wandb_alone_still_gives_each_run_its_folder(tmp_path: Path) -> None:
     assert not any((tmp_path / "runs" / name).exists() for name in ("config.yaml", "gallery.png", "checkpoints"))
 
 
+@pytest.mark.parametrize(("given", "parsed"), [("1", 1), ("50", 50), ("1.0", 1.0), ("0.5", 0.5), ("0", 0)])
+def test_a_batch_limit_is_a_count_when_an_int_and_a_share_when_a_float(given: str, parsed: float) -> None:
+    """Lightning types the limits `float | int`: tried in that order, `1` was read as 1.0 (the whole epoch)."""
+    from lightning_modules.cli import BackdoorCLI
+
+    cli = BackdoorCLI(args=["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.limit_train_batches",
+                            given, "--trainer.val_check_interval", given], run=False)
+    for value in (cli.trainer.limit_train_batches, cli.trainer.val_check_interval):
+        assert value == parsed and type(value) is type(parsed)
+
+
 def test_links_pass_values_between_model_and_data(backdoored_checkpoint) -> None:
     """What the model and the DataModule need of each other, train.py passes at construction
     (BackdoorCLI.add_arguments_to_parser); a link acts only where both classes have the parameter."""
