@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -21,9 +22,10 @@ from datamodules.datasets import DataSpec, get_dataset
 from datamodules.loader import TensorImages, tensor_loader
 from datamodules.poisoning import backdoor_test_set
 from datamodules.record import load_record
+from datamodules.retuning import Retuning, clean_split, poisons
 from datamodules.splits import MitigationSplit, split_by_ratio, split_by_spc
 from datamodules.tensor_module import TensorDataModule
-from datamodules.triggers.base import build_trigger
+from datamodules.triggers.base import Trigger, build_trigger
 
 
 class MitigationDataModule(TensorDataModule):
@@ -42,6 +44,9 @@ class MitigationDataModule(TensorDataModule):
             None, for direct use with a Trainer only: the record of the defense it runs with.
         data_dir: override the data folder recorded by the attack run.
         on_device: keep the tensors on the accelerator.
+        retune: the retuning attack's settings (datamodules/retuning.py): its set is built beside D_m and the
+            defense retunes the defended model after "after" (and, once per attacked model, the attacked model and
+            `clean_model`); None (the default): no retuning.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class MitigationDataModule(TensorDataModule):
         backdoored: str | None = None,
         data_dir: str | None = None,
         on_device: bool = True,
+        retune: Retuning | None = None,
     ) -> None:
         super().__init__(on_device)
         if (spc is None) == (ratio is None):
@@ -71,7 +77,8 @@ class MitigationDataModule(TensorDataModule):
         self.spc, self.ratio, self.split_seed, self.val_fraction = spc, ratio, split_seed, val_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.samples_per_epoch = samples_per_epoch
-        self.backdoored, self.data_dir = backdoored, data_dir
+        self.backdoored, self.data_dir, self.retune = backdoored, data_dir, retune
+        self._retune_info: dict[str, dict[str, Any]] = {}
         self.split: MitigationSplit | None = None
         self.spec: DataSpec | None = None
 
@@ -115,8 +122,38 @@ class MitigationDataModule(TensorDataModule):
             trigger = build_trigger(attack["trigger"])
             sets["backdoor"] = TensorImages(*backdoor_test_set(x_test, y_test, trigger, attack["target"],
                                                                attack["mode"], self.spec.num_classes))
+            if self.retune is not None:
+                sets |= self._retuning_sets(x_train, y_train, attack, trigger)
         device = self._device()
         self._sets = {k: v.to(device) for k, v in sets.items()}
+
+    def _retuning_sets(self, x: Tensor, y: Tensor, attack: dict[str, Any], trigger: Trigger
+                       ) -> dict[str, TensorImages]:
+        r, split = self.retune, self.split
+        dm = torch.cat([split.train, split.val])
+        if r.clean == "split":
+            reference = clean_split(y, attack["poison_indices"], r)
+            defended = reference[~torch.isin(reference, dm)]  # never retune on the defender's own images
+        else:
+            reference = defended = dm
+        x_p, y_p = poisons(x, y, attack, trigger, self.spec.num_classes, r)
+        sets = {}
+        for name, idx in (("retune", defended), ("retune_reference", reference)):
+            flags = torch.cat([torch.zeros(len(idx), dtype=torch.bool), torch.ones(r.k, dtype=torch.bool)])
+            sets[name] = TensorImages(torch.cat([x[idx], x_p]), torch.cat([y[idx], y_p]), flags)
+            self._retune_info[name] = {"clean_source": r.clean, "size": len(idx) + r.k, "poisons": r.k,
+                                       "poison_fraction": r.k / (len(idx) + r.k),
+                                       "dropped_dm_images": len(reference) - len(idx)}
+        return sets
+
+    def retuning(self, reference: bool = False) -> tuple[tuple[Tensor, ...], dict[str, Any]] | None:
+        """The retuning set (images, labels, is-poison flags) and what it holds, for a defended model
+        (`reference` False: without the defender's own D_m images) or for the attacked and the clean model; None
+        when retuning is off or the model is clean (no poisons to retune with)."""
+        name = "retune_reference" if reference else "retune"
+        if name not in self._sets:
+            return None
+        return self._sets[name].tensors, self._retune_info[name]
 
     def tensors(self, part: str = "train") -> tuple[Tensor, ...]:
         """The tensors of one part: "train" (D_m minus D_v) and "val" (D_v) as (images, labels); the test sets

@@ -114,6 +114,10 @@ class DefenseResult(TypedDict):
     attack_record: dict[str, Any]
     created: str
     versions: dict[str, str]
+    # the retuning attack after "after" (lightning_modules/defenses/retuning.py): rta_acc, rta_asr, rta_ra, its
+    # settings, its set (clean_source, size, poisons, poison_fraction) and the reference rows; None when off (and in
+    # records written before it existed)
+    retuned: dict[str, Any] | None
 
 
 class AttackResult(TypedDict):
@@ -174,6 +178,7 @@ def defense_result(
     config: dict[str, Any],
     attacked_checkpoint: str,
     seed: int | None,
+    retuned: dict[str, Any] | None = None,
 ) -> DefenseResult:
     """The result record of a defense run. `data`: MitigationDataModule.record(); `scores`: arr, rdr, der, rir."""
     identity, attack = run_identity(backdoor), backdoor["attack"] or {}
@@ -190,6 +195,7 @@ def defense_result(
         attack_record={k: v for k, v in attack.items() if k not in ("trigger", "poison_indices")},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         versions={"torch": str(torch.__version__), "lightning": str(L.__version__)},
+        retuned=retuned,
     )
 
 
@@ -295,7 +301,7 @@ def read_result(result: dict[str, Any], path: str | Path = "<result>") -> Defens
         old = result.get("seconds") or {}
         seconds = {"load": None, "before": None, "method": old.get("defense"), "after": None, "total": old.get("total")}
         result = {**result, "seconds": seconds, "before_source": None}
-    return DefenseResult(**{"seed": None, **result, "schema_version": SCHEMA_VERSION})
+    return DefenseResult(**{"seed": None, "retuned": None, **result, "schema_version": SCHEMA_VERSION})
 
 
 def load_result(path: str | Path) -> DefenseResult:

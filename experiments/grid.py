@@ -22,6 +22,8 @@ A grid file (configs/grids/*.yaml):
       once_per_model: [clp]              # data-free: one run per attacked model, at the first spc and seed
       args: []
       per_defense_args: {}               # defense name -> extra arguments
+      retune: {k: 5}                     # the retuning attack after each run (datamodules/retuning.py; omit: off),
+                                         # with the grid's `clean` model of the same dataset/backbone/seed if any
     exclude:                             # a run matching every key of an entry is dropped
       - {defense: nc, dataset: [gtsrb, tiny_imagenet]}
 
@@ -58,6 +60,7 @@ from core.backbones import BACKBONES
 from core.registry import class_path
 from datamodules.datasets import DATASETS
 from datamodules.record import attack_run_name, defense_run_name
+from datamodules.retuning import Retuning
 from datamodules.triggers import TRIGGERS
 from lightning_modules.defenses import DEFENSES
 
@@ -66,7 +69,9 @@ CONFIGS = REPO / "configs"
 MATCH_KEYS = {"dataset", "attack", "backbone", "poison_ratio", "seed", "defense", "spc", "split_seed"}
 TOP_KEYS = {"name", "runs_dir", "data_dir", "profile", "attacks", "defenses", "exclude"}
 ATTACK_KEYS = {"datasets", "attacks", "backbones", "poison_ratios", "seeds", "args", "per_attack_args"}
-DEFENSE_KEYS = {"defenses", "spc", "split_seeds", "seed_everything", "once_per_model", "args", "per_defense_args"}
+DEFENSE_KEYS = {"defenses", "spc", "split_seeds", "seed_everything", "once_per_model", "args", "per_defense_args",
+                "retune"}
+RETUNE_KEYS = {"k", "epochs", "lr", "momentum", "batch_size", "clean", "fraction", "seed"}
 SPLIT_SEED = "split_seed"  # defenses.seed_everything: the training seed is each run's split seed
 
 
@@ -112,7 +117,7 @@ def check_schema(raw: Any, path: Path) -> None:
     for key in ("name", "runs_dir", "data_dir", "profile"):
         if key in raw and not isinstance(raw[key], str) and not (key == "profile" and raw[key] is None):
             fail(key, f"must be a string, got {raw[key]!r}")
-    names = lambda v: isinstance(v, str)  # noqa: E731
+    names = lambda v: isinstance(v, str)
     attacks = raw.get("attacks") or {}
     keys("attacks", attacks, ATTACK_KEYS)
     for key in ("datasets", "attacks", "backbones"):
@@ -145,6 +150,12 @@ def check_schema(raw: Any, path: Path) -> None:
         arguments("defenses.args", defenses["args"])
     if "per_defense_args" in defenses:
         per_method("defenses.per_defense_args", defenses["per_defense_args"], "defense")
+    if defenses.get("retune") is not None:
+        keys("defenses.retune", defenses["retune"], RETUNE_KEYS)
+        try:
+            Retuning(**defenses["retune"])
+        except (TypeError, ValueError) as err:
+            fail("defenses.retune", str(err))
     exclude = raw.get("exclude") or []
     if not isinstance(exclude, list):
         fail("exclude", f"must be a list of maps, got {exclude!r}")
@@ -214,6 +225,7 @@ class DefenseRun:
     split_seed: int
     args: tuple[str, ...]  # without the attacked checkpoint, which the runner adds
     digest: str  # short_hash(args)
+    needs: tuple[AttackRun, ...] = ()  # other attacked models it reads (the retuning's clean model)
 
     @property
     def key(self) -> str:
@@ -319,9 +331,19 @@ class Grid:
         spcs, seeds = d.get("spc", [10]), d.get("split_seeds", [0])
         once = set(d.get("once_per_model", []))
         training_seed = d.get("seed_everything", SPLIT_SEED)
+        attacks = attack_runs if attack_runs is not None else self.attack_runs()
+        retune = d.get("retune")
+        # the retuning's "never backdoored" reference: the grid's clean model of the same dataset, backbone and seed
+        clean = {(a.dataset, a.backbone, a.seed): a for a in attacks if a.attack == "clean"}
         runs = []
         configs: dict[tuple[str, str], list[str]] = {}  # per (defense, dataset): 124,128 runs share 48 of them
-        for attack in attack_runs if attack_runs is not None else self.attack_runs():
+        for attack in attacks:
+            reference = clean.get((attack.dataset, attack.backbone, attack.seed)) if retune is not None else None
+            retune_args = [] if retune is None else [
+                "--data.init_args.retune", json.dumps(retune, sort_keys=True),
+                *(["--data.init_args.retune.clean_model", str(self.attack_checkpoint(reference))]
+                  if reference is not None and reference is not attack else [])]
+            needs = (reference,) if retune_args[2:] else ()
             for defense in d.get("defenses", []):
                 if (defense, attack.dataset) not in configs:
                     configs[defense, attack.dataset] = config_args(*self.method_configs("defense", defense,
@@ -331,8 +353,10 @@ class Grid:
                     args = [*configs[defense, attack.dataset],
                             "--data.spc", str(spc), "--data.split_seed", str(seed),
                             "--seed_everything", str(seed if training_seed == SPLIT_SEED else training_seed),
-                            *map(str, d.get("args", [])), *map(str, d.get("per_defense_args", {}).get(defense, []))]
-                    run = DefenseRun(attack, defense, int(spc), int(seed), tuple(args), short_hash(args, self.digests))
+                            *map(str, d.get("args", [])), *map(str, d.get("per_defense_args", {}).get(defense, [])),
+                            *retune_args]
+                    run = DefenseRun(attack, defense, int(spc), int(seed), tuple(args), short_hash(args, self.digests),
+                                     needs)
                     if not self.excluded(run.fields()):
                         runs.append(run)
         return runs

@@ -16,12 +16,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.patches import Rectangle
 
-from experiments.names import attack_kind, defense_order  # noqa: E402
-from experiments.results import ATTACK_COLUMNS  # noqa: E402
+from experiments.names import attack_kind, defense_order
+from experiments.results import ATTACK_COLUMNS
 
 SCORES = [("asr_after", "ASR"), ("rdr", "RDR"), ("arr", "ARR")]
 SPLITS = [("spc", "SPC"), ("attack", "attack"), ("attack_type", "static vs dynamic attack"),
@@ -48,6 +48,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
             q1, med, q3 = group[column].quantile([0.25, 0.5, 0.75])
             row[f"{label} median"], row[f"{label} IQR"] = med, q3 - q1
         row["DER median"], row["RIR median"] = group["der"].median(), group["rir"].median()
+        if group["rta_asr"].notna().any():  # the retuning attack: is the backdoor gone, or only asleep?
+            row["RtA ASR median"] = group["rta_asr"].median()
         row["seconds median"] = group["seconds"].median()  # the method's own work
         row["run seconds median"] = group["seconds_total"].median()  # with loading and the measurements
         rows.append(row)
@@ -127,6 +129,35 @@ def scatter(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def superficial_safety(table: pd.DataFrame, path: Path) -> Path:
+    """Median ASR after the defense against median ASR after the retuning attack, per defense, with the attacked
+    and the clean model's retuned ASR as reference lines: points high above the diagonal were put to sleep."""
+    rows = table[table["rta_asr"].notna()]
+    med = rows.groupby("defense")[["asr_after", "rta_asr"]].median()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="retuning changes nothing")
+    for column, label, colour in (("rta_asr_backdoored", "no defense, retuned", "tab:red"),
+                                  ("rta_asr_clean", "never backdoored, retuned", "tab:green")):
+        if rows[column].notna().any():
+            ax.axhline(rows[column].median(), color=colour, ls="--", lw=1, label=f"{label} (median)")
+    ax.scatter(med["asr_after"], med["rta_asr"], color="tab:blue")
+    for method, (dx, dy) in label_offsets(med["asr_after"], med["rta_asr"]).items():
+        ax.annotate(method, (med.loc[method, "asr_after"], med.loc[method, "rta_asr"]), fontsize=8,
+                    xytext=(dx, dy), textcoords="offset points")
+    k = sorted(rows["rta_k"].dropna().unique())
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("median ASR after the defense")
+    ax.set_ylabel(f"median ASR after retuning (k = {', '.join(f'{v:g}' for v in k)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Superficial safety: ASR after defense vs after retuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def label_offsets(x: pd.Series, y: pd.Series, width: float = 0.12, height: float = 0.035) -> dict[str, tuple[int, int]]:
     """Point offsets for the labels of Fig. 7: each label takes the lowest line (9 points apart) at which it does not
     cover an earlier label (`width`, `height`: a label's size as a fraction of the axes), so clusters of methods stay
@@ -155,6 +186,9 @@ def figures(table: pd.DataFrame, out: Path) -> list[tuple[str, Path]]:
     drawn = [("Fig. 6: ASR, RDR and ARR per defense", boxplots(table, out / "fig6_boxplots.png",
                                                                 title="All settings (Fig. 6)")),
              ("Fig. 7: medians against median ASR", scatter(table, out / "fig7_scatter.png"))]
+    if table["rta_asr"].notna().any():
+        drawn.append(("Superficial safety: ASR after defense and after the retuning attack",
+                      superficial_safety(table, out / "retuning.png")))
     for column, label in SPLITS:
         if table[column].nunique() > 1:
             drawn.append((f"Split by {label}", boxplots(table, out / f"split_{column}.png", column,

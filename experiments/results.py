@@ -12,6 +12,7 @@ Written as CSV, and Parquet when pyarrow is installed.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ from datamodules.record import (
 KEY = "run_key"  # "<attack key>/<defense run key>": the same configuration wherever it ran
 METRICS = ["acc", "asr", "ra"]
 NAMES = ["dataset", "attack", "backbone", "poison_ratio", "defense", "spc", "split_seed", "seed"]
+# the retuning attack (lightning_modules/defenses/retuning.py): the defended model's rta_* and the reference rows'
+# ASR after the same retuning; NaN when a run had it off
+RETUNED = ["rta_acc", "rta_asr", "rta_ra", "rta_k", "rta_poison_fraction", "rta_asr_backdoored", "rta_asr_clean"]
 COLUMNS = [*NAMES, "attack_key", KEY, *(f"{m}_{s}" for s in ("before", "after") for m in METRICS),
-           "arr", "rdr", "der", "rir", "seconds", "seconds_total", "before_source", "grid", "source"]
+           "arr", "rdr", "der", "rir", *RETUNED, "seconds", "seconds_total", "before_source", "grid", "source"]
 ATTACK_COLUMNS = ["dataset", "attack", "backbone", "poison_ratio", "seed", "epochs", "acc", "asr", "ra", "seconds",
                   "attack_key", "grid", "source"]
 
@@ -42,6 +46,11 @@ def record_row(result: DefenseResult, run_key: str, grid: str, source: str) -> d
         for m in METRICS:
             row[f"{m}_{stage}"] = result[stage][m]
     row |= {k: result[k] for k in ("arr", "rdr", "der", "rir")}
+    retuned = result.get("retuned") or {}
+    refs = retuned.get("references") or {}
+    row |= {k: retuned.get(k, math.nan) for k in ("rta_acc", "rta_asr", "rta_ra")}
+    row |= {"rta_k": retuned.get("k", math.nan), "rta_poison_fraction": retuned.get("poison_fraction", math.nan)}
+    row |= {f"rta_asr_{ref}": (refs.get(ref) or {}).get("rta_asr", math.nan) for ref in ("backdoored", "clean")}
     row["seconds"] = result["seconds"]["method"]
     row["seconds_total"] = result["seconds"]["total"]
     row["before_source"] = result["before_source"]

@@ -43,6 +43,7 @@ class Job:
     run_dir: str
     argv: tuple[str, ...]
     fields: dict[str, Any]
+    needs: tuple[str, ...] = ()  # run folders of other attacked models it reads (the retuning's clean model)
 
 
 def read_marker(run_dir: Path, kind: str) -> dict[str, Any] | None:
@@ -77,7 +78,8 @@ def defense_job(grid: Grid, run: DefenseRun, wandb_project: str | None = None) -
             "--model.result_file", str(run_dir / DEFENSE_DONE),
             *logger_args(run_dir, f"{run.attack.key}/{run.key}", run.attack.key, "defense", wandb_project,
                          run.fields()))
-    return Job("defense", f"{run.attack.key}/{run.key}", str(run_dir), argv, run.fields())
+    return Job("defense", f"{run.attack.key}/{run.key}", str(run_dir), argv, run.fields(),
+               tuple(str(grid.attack_dir(a)) for a in run.needs))
 
 
 # -- inside a worker process --------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class redirect_fds:
         os.dup2(self.fd, 1)
         os.dup2(self.fd, 2)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self.saved[0], 1)
@@ -219,8 +221,12 @@ def run_grid(
     futures: dict[Any, Job] = {}
     executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads))
 
+    waiting: list[Job] = []  # defense runs whose other attacked models (`needs`) are not trained yet
+
     def submit(job: Job) -> None:
-        if read_marker(Path(job.run_dir), job.kind) is not None:
+        if any(read_marker(Path(n), "attack") is None for n in job.needs):
+            waiting.append(job)
+        elif read_marker(Path(job.run_dir), job.kind) is not None:
             bar.update(1)
             if job.kind == "attack":
                 for d in by_attack[job.key]:
@@ -244,11 +250,23 @@ def run_grid(
                                          "log": str(Path(job.run_dir) / "error.txt")})
                     else:
                         busy.append(job.key)
-                    if job.kind == "attack":  # its defense runs cannot start
-                        bar.update(len(by_attack[job.key]))
+                    if job.kind == "attack":  # its defense runs cannot start, nor those that need it
+                        blocked = [w for w in waiting if job.run_dir in w.needs]
+                        for w in blocked:
+                            waiting.remove(w)
+                            if outcome["status"] == "busy":
+                                busy.append(w.key)
+                            else:
+                                failures.append({"key": w.key, "kind": w.kind, "error": f"needs {job.key}, which failed",
+                                                 "log": str(Path(job.run_dir) / "error.txt")})
+                        bar.update(len(by_attack[job.key]) + len(blocked))
                 elif job.kind == "attack":
                     for d in by_attack[job.key]:
                         submit(defense_job(grid, d, wandb_project))
+                    for ready in [w for w in waiting if job.run_dir in w.needs]:
+                        waiting.remove(ready)
+                        submit(ready)
+        busy.extend(w.key for w in waiting)  # their other attacked model is another runner's and not done yet
     except KeyboardInterrupt:
         # stop the runs in flight now: an interrupted run is redone next time, nothing finished is touched
         for process in list(getattr(executor, "_processes", {}).values()):

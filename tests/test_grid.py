@@ -86,6 +86,26 @@ def test_exclusions_and_once_per_model(tmp_path) -> None:
     assert len(Grid.load(path).defense_runs()) == 2
 
 
+def test_retuning_switch_names_the_clean_model_each_run_needs(tmp_path) -> None:
+    """`defenses.retune` adds the retuning's settings to every defense run and, where the grid trains a clean model
+    of the same dataset, backbone and seed, names its checkpoint: the runner starts such a run once both are done."""
+    spec = yaml.safe_load(write_grid(tmp_path).read_text())
+    spec["attacks"]["attacks"] = ["badnets", "clean"]
+    spec["defenses"]["retune"] = {"k": 1}
+    spec["exclude"] = [{"attack": "clean", "defense": ["ft", "clp"]}]  # no defense runs on the clean model itself
+    grid = Grid.load(write_grid(tmp_path, **spec))
+    (badnets, clean) = grid.attack_runs()
+    runs = grid.defense_runs()
+    assert {r.attack for r in runs} == {badnets} and all(r.needs == (clean,) for r in runs)
+    args = runs[0].args
+    assert args[args.index("--data.init_args.retune") + 1] == '{"k": 1}'
+    assert args[args.index("--data.init_args.retune.clean_model") + 1] == str(grid.attack_checkpoint(clean))
+    spec["attacks"]["attacks"] = ["badnets"]
+    alone = Grid.load(write_grid(tmp_path, **spec)).defense_runs()
+    assert all(r.needs == () and "--data.init_args.retune.clean_model" not in r.args for r in alone)
+    assert {r.key for r in alone}.isdisjoint(r.key for r in runs)  # the reference is part of a run's identity
+
+
 def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
     """Editing a value in a config YAML makes new runs (the key hashes its parsed contents; a comment does not);
     the file enters the hash by its path inside the repository, so checkouts elsewhere agree on every key."""
@@ -167,6 +187,8 @@ def test_bad_grid_files(tmp_path, change, match) -> None:
     ("attacks", "args", [["--trainer.max_epochs", "3"]], "attacks.args: .* is not a command-line word"),
     ("attacks", "per_attack_args", {"badnetz": []}, "attacks.per_attack_args.badnetz: no configs/attack/badnetz.yaml"),
     ("defenses", "per_defense_args", {"ft": "--trainer.max_epochs 3"}, "defenses.per_defense_args.ft: must be a"),
+    ("defenses", "retune", {"kk": 5}, "defenses.retune.kk: unknown key .did you mean 'k'"),
+    ("defenses", "retune", {"k": 0}, "defenses.retune: retuning: invalid k=0"),
 ])
 def test_every_key_of_a_grid_file_is_checked(tmp_path, capfd, section, key, value, match) -> None:
     """Misspelled or ill-typed keys inside a section are refused when the grid loads (they used to be ignored, or

@@ -14,7 +14,7 @@ from lightning_modules.defenses.base import Defense
 
 DEFENSES: Registry[type[Defense]] = Registry(
     "defense", Defense, {"family": None, "display_name": None, "smoke_args": [], "changes_architecture": False})
-DEFENSES.discover(__name__, skip={"base", "evaluation", "pruning", "hooks"})  # helper modules, not defenses
+DEFENSES.discover(__name__, skip={"base", "evaluation", "pruning", "hooks", "retuning"})  # helper modules, not defenses
 globals().update({cls.__name__: cls for cls in DEFENSES.values()})  # lightning_modules.defenses.FT, ...
 
 

@@ -48,6 +48,7 @@ from datamodules.record import (
 )
 from lightning_modules.classifier import ImageClassifier
 from lightning_modules.defenses.evaluation import EVAL_VERSION, BeforeCache
+from lightning_modules.defenses.retuning import own_random_stream, retune, rta_scores
 
 DEFENSE_KEY = "defense"
 
@@ -99,6 +100,8 @@ class Defense(ImageClassifier):
         self._epoch_sums: dict[str, Tensor] = {}
         self._epoch_count = 0
         self.dm_acc_after: float | None = None
+        self._retune_references: dict[str, Any] | None = None
+        self._reference_seconds = 0.0  # retuning the reference models, inside "before"'s clock
 
     # -- what subclasses implement -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -266,6 +269,7 @@ class Defense(ImageClassifier):
                 f"interrupted runs), or evaluate the defended checkpoint with `train.py test`")
         self._clock["before"] = time.perf_counter()
         self._before, self.before_source = self.measure_before()
+        self._retune_references = self.retuned_references()
         self.train(self.training)  # Lightning keeps the modules' modes: this applies freeze_bn before training
         self._clock["method"] = time.perf_counter()
         self.prepare()
@@ -280,8 +284,10 @@ class Defense(ImageClassifier):
             self.dm_acc_after = self.accuracy(*self.mitigation_data("train"))
         self._clock["after"] = time.perf_counter()
         after = self.measure()
+        self._clock["retune"] = time.perf_counter()
+        retuned = self.retuned_defended()
         self._clock["end"] = time.perf_counter()
-        self.result = self.result_record(self._before, after)
+        self.result = self.result_record(self._before, after, retuned)
         if self.save_defended:  # first: a result.json marks a run whose outputs are all written
             self.trainer.save_checkpoint(self.checkpoint_dir() / "last.ckpt")
         if self.trainer.is_global_zero:
@@ -318,11 +324,69 @@ class Defense(ImageClassifier):
             cache.write(before, time.perf_counter() - start)
         return before, "measured"
 
+    def retuned_references(self) -> dict[str, Any] | None:
+        """The retuning attack on the attacked model ("no defense") and on the clean model ("never backdoored"),
+        before the method runs: from the cache beside the attacked checkpoint when a run retuned the same weights on
+        the same set with the same settings, else retuned here (on copies) and cached. None: retuning is off."""
+        data, trainer = self.mitigation, self.trainer
+        found = data.retuning(reference=True)
+        if found is None:
+            return None
+        self.refuse_float16("the retuning attack")
+        tensors, info = found
+        r = data.retune
+        with own_random_stream(r.seed, self.device):  # building the network draws its initial weights
+            clean = load_clean_model(r.clean_model, self.backdoor_record) if r.clean_model else None
+        cache = BeforeCache(self.backdoored, {
+            "eval_version": EVAL_VERSION, "weights": self.net.state_dict(), "retuning": r.settings(), "set": tensors,
+            "clean_weights": clean.state_dict() if clean is not None else None, "test_sets": data.test_digest(),
+            "precision": str(trainer.precision), "device": self.device.type, "channels_last": self.channels_last,
+            "batch_size": data.eval_batch_size, "torch": str(torch.__version__)}, kind="retuned")
+        cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)
+        if cached is not None:
+            return {**cached, "set": info, "source": "cache"}
+        start = time.perf_counter()
+        rows = {"backdoored": self.retuned_copy(copy.deepcopy(self.net), tensors),
+                "clean": self.retuned_copy(self.on_this_device(clean), tensors) if clean is not None else None}
+        self._reference_seconds = time.perf_counter() - start
+        if trainer.is_global_zero:
+            cache.write(rows, self._reference_seconds)
+        return {**rows, "set": info, "source": "measured"}
+
+    def retuned_copy(self, net: nn.Module, data: tuple[Tensor, ...]) -> dict[str, float]:
+        """rta_acc / rta_asr / rta_ra of `net` (a copy this changes) after the retuning attack."""
+        retune(lambda x: self.classify(x, net), list(net.parameters()), [net], data, self.mitigation.retune,
+               self.augment, self.autocast)
+        return rta_scores(self.measure(net))
+
+    def retuned_defended(self) -> dict[str, Any] | None:
+        """The retuning attack on the defended model (all its parameters, train mode), after "after": its scores,
+        settings, set and reference rows for result.json's `retuned` block; the defended weights are restored."""
+        found = self.mitigation.retuning()
+        if found is None:
+            return None
+        tensors, info = found
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        params = list(self.parameters())
+        requires_grad, was_training = [p.requires_grad for p in params], self.training
+        retune(self, params, [self], tensors, self.mitigation.retune, self.augment, self.autocast)
+        scores = rta_scores(self.measure())
+        self.load_state_dict(state)
+        for p, flag in zip(params, requires_grad, strict=True):
+            p.requires_grad_(flag)
+        self.train(was_training)
+        return {**scores, **self.mitigation.retune.settings(), **info, "references": self._retune_references}
+
+    def on_this_device(self, net: nn.Module) -> nn.Module:
+        net = net.to(self.device)
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
+
     @torch.no_grad()
-    def measure(self) -> dict[str, float]:
+    def measure(self, net: nn.Module | None = None) -> dict[str, float]:
         """ACC / ASR / RA on the benchmark's test sets (never used for a choice): their uint8 tensors in batches of
         data.eval_batch_size, on the device, no host sync until the end. Shards batches across processes; the
-        metrics sum their counts over all of them."""
+        metrics sum their counts over all of them. `net`: another network than the defended model (the retuned
+        reference models)."""
         metrics = {
             "acc": MulticlassAccuracy(self.spec.num_classes, average="micro", validate_args=False),
             "asr": AttackSuccessRate(), "ra": RecoveryAccuracy(),
@@ -330,8 +394,10 @@ class Defense(ImageClassifier):
         metrics = {k: m.to(self.device) for k, m in metrics.items()}
         rank, world = self.trainer.global_rank, self.trainer.world_size
         size = self.mitigation.eval_batch_size
-        was_training = self.training
+        was_training = self.training, net.training if net is not None else False
         self.eval()
+        if net is not None:
+            net.eval()
         with self.autocast():
             for part in ("clean", "backdoor") if self.backdoor_record["attack"] is not None else ("clean",):
                 tensors = [t.to(self.device) for t in self.mitigation.test_set(part)]
@@ -339,25 +405,30 @@ class Defense(ImageClassifier):
                     if b % world != rank:
                         continue
                     x, *labels = (t[i : i + size] for t in tensors)
-                    logits = self(x)
+                    logits = self.classify(x, net)
                     if part == "clean":
                         metrics["acc"].update(logits, labels[0])
                     else:
                         metrics["asr"].update(logits, labels[0])
                         metrics["ra"].update(logits, labels[1])
-        self.train(was_training)
+        self.train(was_training[0])
+        if net is not None:
+            net.train(was_training[1])
         has_backdoor = self.backdoor_record["attack"] is not None
         return {k: float(m.compute()) if (k == "acc" or has_backdoor) else float("nan") for k, m in metrics.items()}
 
-    def result_record(self, before: dict[str, float], after: dict[str, float]) -> DefenseResult:
+    def result_record(self, before: dict[str, float], after: dict[str, float],
+                      retuned: dict[str, Any] | None = None) -> DefenseResult:
         data, c = self.mitigation, self._clock
         return defense_result(
             self.backdoor_record, type(self).__name__, data.record(), before, after,
             scores={"arr": arr(before["acc"], after["acc"]), "rdr": rdr(before["acc"], after["ra"]),
                     "der": der(before["acc"], after["acc"], before["asr"], after["asr"]),
                     "rir": rir(before["acc"], after["acc"], before["ra"], after["ra"])},
-            seconds={"load": c["before"] - c["load"], "before": c["method"] - c["before"],
-                     "method": c["after"] - c["method"], "after": c["end"] - c["after"], "total": c["end"] - c["load"]},
+            seconds={"load": c["before"] - c["load"], "before": c["method"] - c["before"] - self._reference_seconds,
+                     "method": c["after"] - c["method"], "after": c.get("retune", c["end"]) - c["after"],
+                     **({"retune": c["end"] - c["retune"] + self._reference_seconds} if retuned else {}),
+                     "total": c["end"] - c["load"]},
             before_source=self.before_source,
             defense_info=self.info(),
             config={"model": {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
@@ -366,6 +437,7 @@ class Defense(ImageClassifier):
                     "trainer": trainer_config(self.trainer)},
             attacked_checkpoint=str(self.backdoored),
             seed=training_seed(),
+            retuned=retuned,
         )
 
     def result_path(self) -> Path:
@@ -392,6 +464,22 @@ class Defense(ImageClassifier):
             hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
 
 
+def load_clean_model(path: str, attacked: dict[str, Any]) -> nn.Module:
+    """The retuning attack's clean reference: a model trained without poisons on the attacked model's dataset, with
+    its backbone."""
+    run = load_attacked(path)
+    attack = run.record["attack"]
+    if attack is not None and len(attack["poison_indices"]):
+        raise ValueError(f"retuning: clean_model {path} was trained with {len(attack['poison_indices'])} poisoned "
+                         f"images; name a model trained without poisons (the grid's `clean` attack run)")
+    for what, mine, theirs in (("dataset", attacked["data"]["dataset"], run.record["data"]["dataset"]),
+                               ("backbone", attacked["backbone"], run.record["backbone"])):
+        if mine != theirs:
+            raise ValueError(f"retuning: clean_model {path} has {what} {theirs}, the attacked model {mine}; name a "
+                             f"clean model of the attacked model's dataset and backbone")
+    return run.net
+
+
 def trainer_config(trainer: L.Trainer) -> dict[str, Any]:
     return {
         "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
@@ -404,4 +492,9 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     flat = {f"{stage}/{k}": v for stage in ("before", "after") for k, v in result[stage].items()}
     flat |= {k: result[k] for k in ("arr", "rdr", "der", "rir")}
     flat |= {f"seconds/{k}": v for k, v in result["seconds"].items()}
+    retuned = result.get("retuned")
+    if retuned:  # the retuning attack: the defended model's, then the reference rows'
+        flat |= {f"retuned/{k}": retuned[k] for k in ("rta_acc", "rta_asr", "rta_ra", "poison_fraction")}
+        for ref in ("backdoored", "clean"):
+            flat |= {f"retuned/{ref}/{k}": v for k, v in (retuned["references"].get(ref) or {}).items()}
     return flat

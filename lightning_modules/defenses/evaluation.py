@@ -29,33 +29,41 @@ CACHE_ENV = "BACKDOOR_BENCH_BEFORE_CACHE"
 
 class BeforeCache:
     """The cached "before" numbers of one attacked checkpoint under one measurement key (a dict of what they
-    depend on, tensors included: `fingerprint` digests it)."""
+    depend on, tensors included: `fingerprint` digests it). `kind` names another measurement cached the same way
+    (`retuned`: the retuning attack's reference rows, retuning.py), in `<stem>.<kind>/`."""
 
-    def __init__(self, checkpoint: str | Path, key: dict[str, Any]) -> None:
+    def __init__(self, checkpoint: str | Path, key: dict[str, Any], kind: str = "before") -> None:
         checkpoint = Path(checkpoint)
-        self.digest = fingerprint(key)
-        self.path = checkpoint.parent / f"{checkpoint.stem}.before" / f"{self.digest}.json"
+        self.digest, self.kind = fingerprint(key), kind
+        self.path = checkpoint.parent / f"{checkpoint.stem}.{kind}" / f"{self.digest}.json"
         setting = os.environ.get(CACHE_ENV, "on").lower()
         if setting not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
             raise ValueError(f"{CACHE_ENV}={os.environ[CACHE_ENV]!r}: set it to on or off (off measures 'before' in "
                              f"every run)")
         self.enabled = setting in ("on", "1", "true", "yes")
 
-    def read(self) -> dict[str, float] | None:
+    def read(self) -> dict[str, Any] | None:
         """The cached scores, or None (no entry, or an unreadable one: it is measured again and replaced)."""
         if not self.enabled or not self.path.is_file():
             return None
         try:
-            entry = json.loads(self.path.read_text())  # its name is the key's digest
-            return {k: float(entry["before"][k]) for k in ("acc", "asr", "ra")}
-        except (OSError, ValueError, KeyError, TypeError):
+            entry = json.loads(self.path.read_text())[self.kind]  # the file's name is the key's digest
+            return scores(entry) if self.kind == "before" else {k: None if v is None else scores(v)
+                                                                 for k, v in entry.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def write(self, before: dict[str, float], seconds: float) -> None:
+    def write(self, value: dict[str, Any], seconds: float) -> None:
         if not self.enabled:
             return
         try:
-            write_json(self.path, {"before": before, "seconds": seconds, "eval_version": EVAL_VERSION})
+            write_json(self.path, {self.kind: value, "seconds": seconds, "eval_version": EVAL_VERSION})
         except OSError as err:
-            warnings.warn(f"could not cache the 'before' measurement in {self.path} ({err}); every run on this "
+            warnings.warn(f"could not cache the '{self.kind}' measurement in {self.path} ({err}); every run on this "
                           f"model measures it again", stacklevel=2)
+
+
+def scores(entry: dict[str, Any]) -> dict[str, float]:
+    """ACC / ASR / RA (the retuned rows: rta_acc, rta_asr, rta_ra) of a cache entry, as floats."""
+    keys = ("acc", "asr", "ra") if "acc" in entry else ("rta_acc", "rta_asr", "rta_ra")
+    return {k: float(entry[k]) for k in keys}
