@@ -22,7 +22,7 @@ from datamodules.datasets import DataSpec, get_dataset
 from datamodules.loader import TensorImages, tensor_loader
 from datamodules.poisoning import backdoor_test_set
 from datamodules.record import load_record
-from datamodules.retuning import Retuning, clean_split, poisons
+from datamodules.retuning import Retuning, clean_split, poisons, qra_set
 from datamodules.splits import MitigationSplit, split_by_ratio, split_by_spc
 from datamodules.tensor_module import TensorDataModule
 from datamodules.triggers.base import Trigger, build_trigger
@@ -144,6 +144,8 @@ class MitigationDataModule(TensorDataModule):
             self._retune_info[name] = {"clean_source": r.clean, "size": len(idx) + r.k, "poisons": r.k,
                                        "poison_fraction": r.k / (len(idx) + r.k),
                                        "dropped_dm_images": len(reference) - len(idx)}
+        if r.qra:
+            sets["qra"] = TensorImages(*qra_set(x, y, reference, attack, trigger, self.spec.num_classes, r))
         return sets
 
     def retuning(self, reference: bool = False) -> tuple[tuple[Tensor, ...], dict[str, Any]] | None:
@@ -154,6 +156,10 @@ class MitigationDataModule(TensorDataModule):
         if name not in self._sets:
             return None
         return self._sets[name].tensors, self._retune_info[name]
+
+    def qra_data(self) -> tuple[Tensor, Tensor] | None:
+        """QRA's training images and their true labels (datamodules/retuning.py), or None when QRA is off."""
+        return self._sets["qra"].tensors if "qra" in self._sets else None
 
     def tensors(self, part: str = "train") -> tuple[Tensor, ...]:
         """The tensors of one part: "train" (D_m minus D_v) and "val" (D_v) as (images, labels); the test sets

@@ -34,6 +34,12 @@ class Retuning:
         seed: the draw of the split and of the poisons, and the retuning's own random stream.
         clean_model: checkpoint of a model of the same dataset and backbone trained without poisons (the grid's
             `clean` attack run): retuned as the "never backdoored" reference row; None: no such row.
+        qra: also run the query-based reactivation attack (QRA, lightning_modules/defenses/retuning.py; needs
+            clean_model): a generator of input-specific perturbations within `qra_eps` (L-inf, pixels in 0..1)
+            trained so that the defended model on x + p imitates the retuned one on x while the clean model still
+            classifies x + p right; `qra_alpha`, `qra_epochs`, `qra_lr`: its loss weight and plain SGD
+            (momentum 0.9, batch 128); `qra_clean`, `qra_poison`: its clean and poisoned training images (the
+            split's first clean images; poisoned training images of non-target classes; fewer where fewer exist).
     """
 
     k: int = 5
@@ -45,6 +51,13 @@ class Retuning:
     fraction: float = 0.02
     seed: int = 0
     clean_model: str | None = None
+    qra: bool = False
+    qra_eps: float = 16 / 255
+    qra_alpha: float = 0.2
+    qra_epochs: int = 50
+    qra_lr: float = 0.1
+    qra_clean: int = 500
+    qra_poison: int = 500
 
     def __post_init__(self) -> None:
         bad = [f"{name}={value!r} (expected {rule})" for name, value, ok, rule in (
@@ -52,12 +65,23 @@ class Retuning:
             ("lr", self.lr, self.lr > 0, "> 0"), ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
             ("clean", self.clean, self.clean in ("split", "dm"), "split or dm"),
-            ("fraction", self.fraction, 0 < self.fraction < 1, "in (0, 1)")) if not ok]
+            ("fraction", self.fraction, 0 < self.fraction < 1, "in (0, 1)"),
+            ("qra_eps", self.qra_eps, 0 < self.qra_eps <= 1, "in (0, 1] (pixels in 0..1)"),
+            ("qra_alpha", self.qra_alpha, self.qra_alpha >= 0, ">= 0"),
+            ("qra_epochs", self.qra_epochs, self.qra_epochs >= 1, ">= 1"), ("qra_lr", self.qra_lr, self.qra_lr > 0, "> 0"),
+            ("qra_clean", self.qra_clean, self.qra_clean >= 1, ">= 1"),
+            ("qra_poison", self.qra_poison, self.qra_poison >= 1, ">= 1"),
+            ("clean_model", self.clean_model, self.clean_model or not self.qra,
+             "a clean model's checkpoint: QRA needs one")) if not ok]
         if bad:
             raise ValueError("retuning: invalid " + "; ".join(bad) + " (data.init_args.retune)")
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "clean_model"}
+        """The retuning's settings (the QRA's in `qra_settings`)."""
+        return {k: v for k, v in asdict(self).items() if k != "clean_model" and not k.startswith("qra")}
+
+    def qra_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k.startswith("qra_")}
 
 
 def clean_split(labels: Tensor, poisoned: Tensor | None, r: Retuning) -> Tensor:
@@ -71,18 +95,32 @@ def clean_split(labels: Tensor, poisoned: Tensor | None, r: Retuning) -> Tensor:
     return pool[torch.randperm(len(pool), generator=gen)[:size]]
 
 
-def poisons(x: Tensor, y: Tensor, attack: dict[str, Any], trigger: Trigger, num_classes: int, r: Retuning
-            ) -> tuple[Tensor, Tensor]:
-    """k poisoned training images and their attack labels."""
+def poisons(x: Tensor, y: Tensor, attack: dict[str, Any], trigger: Trigger, num_classes: int, r: Retuning,
+            k: int | None = None) -> tuple[Tensor, Tensor]:
+    """k (default: r.k) poisoned training images and their attack labels."""
     indices = attack["poison_indices"]
-    if len(indices) < r.k:
+    k = r.k if k is None else k
+    if len(indices) < k:
         raise ValueError(f"retuning: the attack poisoned {len(indices)} training images, fewer than k={r.k}; lower "
                          f"data.init_args.retune.k")
     gen = torch.Generator().manual_seed(r.seed)
     order = indices[torch.randperm(len(indices), generator=gen)]
     labels = attack_labels(y[order], attack["target"], attack["mode"], num_classes)
     changed = labels != y[order]
-    order = torch.cat([order[changed], order[~changed]])[: r.k]  # images whose label the attack changes first
+    order = torch.cat([order[changed], order[~changed]])[:k]  # images whose label the attack changes first
     target = y[order] if trigger.clean_label else attack_labels(y[order], attack["target"], attack["mode"],
                                                                 num_classes)
     return trigger.apply_chunked(x[order]), target
+
+
+def qra_set(x: Tensor, y: Tensor, split: Tensor, attack: dict[str, Any], trigger: Trigger, num_classes: int,
+            r: Retuning) -> tuple[Tensor, Tensor]:
+    """QRA's training images (the split's first qra_clean clean images, then up to qra_poison poisoned training
+    images whose label the attack changes) and their true labels."""
+    indices = attack["poison_indices"]
+    changed = attack_labels(y[indices], attack["target"], attack["mode"], num_classes) != y[indices]
+    count = min(r.qra_poison, int(changed.sum()))
+    gen = torch.Generator().manual_seed(r.seed)
+    chosen = indices[changed][torch.randperm(int(changed.sum()), generator=gen)[:count]]
+    clean = split[: r.qra_clean]
+    return torch.cat([x[clean], trigger.apply_chunked(x[chosen])]), torch.cat([y[clean], y[chosen]])

@@ -71,7 +71,8 @@ TOP_KEYS = {"name", "runs_dir", "data_dir", "profile", "attacks", "defenses", "e
 ATTACK_KEYS = {"datasets", "attacks", "backbones", "poison_ratios", "seeds", "args", "per_attack_args"}
 DEFENSE_KEYS = {"defenses", "spc", "split_seeds", "seed_everything", "once_per_model", "args", "per_defense_args",
                 "retune"}
-RETUNE_KEYS = {"k", "epochs", "lr", "momentum", "batch_size", "clean", "fraction", "seed"}
+RETUNE_KEYS = {"k", "epochs", "lr", "momentum", "batch_size", "clean", "fraction", "seed", "qra", "qra_eps", "qra_alpha",
+               "qra_epochs", "qra_lr", "qra_clean", "qra_poison"}
 SPLIT_SEED = "split_seed"  # defenses.seed_everything: the training seed is each run's split seed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -147,3 +148,38 @@ def test_bad_settings_are_named(kwargs: dict, message: str) -> None:
 def test_a_clean_model_with_poisons_is_refused(attacked, tmp_path) -> None:
     with pytest.raises(ValueError, match="trained with 144 poisoned images"):
         ft(attacked, Retuning(clean_model=str(attacked)), tmp_path)
+
+
+def test_qra_perturbations_stay_within_their_bound_and_images_within_range() -> None:
+    """The generator after training with a large step (its outputs saturate): |x' - x| <= eps, x' in [0, 1]."""
+    from lightning_modules.defenses.retuning import train_perturbation
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 4, (16,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)).requires_grad_(False)
+    teacher = torch.softmax(torch.randn(16, 4), 1)
+    r = Retuning(qra=True, clean_model="clean.ckpt", qra_epochs=3, qra_lr=10.0, qra_eps=8 / 255)
+    generator = train_perturbation(model, model, x, y, teacher, r, contextlib.nullcontext)
+    pixels = x.float() / 255
+    moved = generator(pixels)
+    assert (moved - pixels).abs().max() <= 8 / 255 + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    assert (moved - pixels).abs().max() > 1 / 255  # it did move them
+
+
+def test_qra_reports_both_models_and_leaves_the_defended_weights(retuned, attacked, backdoored_checkpoint,
+                                                                  tmp_path) -> None:
+    """QRA (3 epochs here) adds its block; the defended weights and the RtA numbers are the run's without it."""
+    from datamodules.datasets import get_dataset
+
+    _, y_train = get_dataset("digits").load(str(backdoored_checkpoint["data_dir"]), "train")
+    not_target = int((y_train[backdoored_checkpoint["poison_indices"]] != 0).sum())
+    r = dataclasses.replace(retuned.mitigation.retune, qra=True, qra_epochs=3)
+    run = ft(attacked, r, tmp_path)
+    qra = run.result["retuned"]["qra"]
+    assert set(qra) >= {"asr", "clean_flip", "clean_model", "images", "qra_eps"} and qra["qra_epochs"] == 3
+    assert 0 <= qra["asr"] <= 1 and 0 <= qra["clean_model"]["clean_flip"] <= 1
+    assert qra["images"] == min(500, round(0.2 * 1438) - 5) + not_target  # the split's clean images, then poisons
+    for key, value in retuned.net.state_dict().items():
+        assert torch.equal(value, run.net.state_dict()[key]), key
+    assert run.result["retuned"]["rta_asr"] == retuned.result["retuned"]["rta_asr"]

@@ -38,6 +38,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from core.metrics import AttackSuccessRate, RecoveryAccuracy, arr, der, rdr, rir
 from datamodules.checkpoint import load_attacked
 from datamodules.mitigation import MitigationDataModule
+from datamodules.poisoning import attack_labels
 from datamodules.record import (
     BACKDOOR_KEY,
     DefenseResult,
@@ -48,7 +49,13 @@ from datamodules.record import (
 )
 from lightning_modules.classifier import ImageClassifier
 from lightning_modules.defenses.evaluation import EVAL_VERSION, BeforeCache
-from lightning_modules.defenses.retuning import own_random_stream, retune, rta_scores
+from lightning_modules.defenses.retuning import (
+    own_random_stream,
+    qra_scores,
+    retune,
+    rta_scores,
+    train_perturbation,
+)
 
 DEFENSE_KEY = "defense"
 
@@ -369,13 +376,52 @@ class Defense(ImageClassifier):
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         params = list(self.parameters())
         requires_grad, was_training = [p.requires_grad for p in params], self.training
-        retune(self, params, [self], tensors, self.mitigation.retune, self.augment, self.autocast)
+        r = self.mitigation.retune
+        retune(self, params, [self], tensors, r, self.augment, self.autocast)
         scores = rta_scores(self.measure())
+        teacher = self.probabilities(self.mitigation.qra_data()[0]) if r.qra else None  # the retuned model's
         self.load_state_dict(state)
         for p, flag in zip(params, requires_grad, strict=True):
             p.requires_grad_(flag)
         self.train(was_training)
-        return {**scores, **self.mitigation.retune.settings(), **info, "references": self._retune_references}
+        block = {**scores, **r.settings(), **info, "references": self._retune_references}
+        if teacher is not None:
+            block["qra"] = self.query_reactivation(teacher)
+        return block
+
+    @torch.no_grad()
+    def probabilities(self, x: Tensor) -> Tensor:
+        was_training = self.training
+        self.eval()
+        with self.autocast():
+            out = torch.cat([self(x[i : i + 512]).float().softmax(1) for i in range(0, len(x), 512)])
+        self.train(was_training)
+        return out
+
+    def query_reactivation(self, teacher: Tensor) -> dict[str, Any]:
+        """QRA (retuning.py) on the defended model, `teacher` its retuned self's probabilities on QRA's images:
+        the defended and the clean model's ASR and clean flip rate with the generator's perturbations."""
+        data, r, attack = self.mitigation, self.mitigation.retune, self.backdoor_record["attack"]
+        x, y = data.qra_data()
+        with own_random_stream(r.seed, self.device):
+            clean = self.on_this_device(load_clean_model(r.clean_model, self.backdoor_record)).eval()
+        params = [*self.parameters(), *clean.parameters()]
+        requires_grad, was_training = [p.requires_grad for p in params], self.training
+        for p in params:
+            p.requires_grad_(False)
+        self.eval()
+        generator = train_perturbation(self, lambda v: self.classify(v, clean), x, y, teacher, r, self.autocast)
+        backdoor, test = data.test_set("backdoor"), data.test_set("clean")
+        target = attack_labels(test[1], attack["target"], attack["mode"], self.spec.num_classes)
+        size = data.eval_batch_size
+        out = {**qra_scores(self, generator, backdoor, test, target, size, self.autocast),
+               "clean_model": qra_scores(lambda v: self.classify(v, clean), generator, backdoor, test, target, size,
+                                         self.autocast),
+               "images": len(x), **r.qra_settings()}
+        for p, flag in zip(params, requires_grad, strict=True):
+            p.requires_grad_(flag)
+        self.train(was_training)
+        return out
 
     def on_this_device(self, net: nn.Module) -> nn.Module:
         net = net.to(self.device)

@@ -8,12 +8,24 @@ ASR and RA on the test sets are `rta_acc`, `rta_asr`, `rta_ra`. The same retunin
 defense") and of a clean model of the same dataset and backbone ("never backdoored") gives the reference rows,
 measured once per attacked model and cached beside it like "before" (evaluation.py). The retuning draws from its
 own seeded random stream, so it changes no run's other numbers and repeats exactly.
-Cost: epochs x (set size) forward + backward passes (5 x 1,000 on CIFAR-10) and one test-set pass per model.
+QRA (same paper; optional, `qra: true`): a generator (an MLP 3HW -> 1024 -> 1024 -> 1024 -> 3HW, ReLU, tanh out,
+times eps = 16/255 and clamped to it) adds an input-specific perturbation to the image (pixels in 0..1, the sum
+clamped to [0, 1]); it is trained (SGD lr 0.1, momentum 0.9, batch 128, 50 epochs) on 500 clean and 500 poisoned
+training images with alpha KL(defended(x + p) || retuned(x)) + CE(clean(x + p), y), alpha 0.2: the defended model
+on x + p imitates its retuned self on x, while a clean model must not be fooled. Reported: the defended model's ASR
+on the triggered test images + p and the share of non-target clean test images + p classified as the target, and
+the same two for the clean model (does the perturbation transfer, i.e. is it an adversarial example rather than
+the backdoor?). Differences: the generator reads the image in 0..1 (the input it perturbs); the authors' 500
+poisoned images come from their poisoned training folder, ours from the attack's poisoned training images whose
+label it changes (fewer where fewer exist).
+Cost: RtA: epochs x (set size) forward + backward passes (5 x 1,000 on CIFAR-10) and one test-set pass per model;
+QRA: 50 x 1,000 generator steps through two frozen models, and two test-set passes per model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,3 +71,58 @@ def retune(forward: Callable[[Tensor], Tensor], params: list[nn.Parameter], modu
 
 def rta_scores(scores: dict[str, float]) -> dict[str, float]:
     return {f"rta_{k}": v for k, v in scores.items()}
+
+
+class Perturbation(nn.Module):
+    """QRA's generator: image (pixels in 0..1) -> the image plus its perturbation, |p| <= eps, clamped to [0, 1]."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float, width: int = 1024) -> None:
+        super().__init__()
+        n = math.prod(shape)
+        self.eps = eps
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(n, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n), nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = (self.net(x) * self.eps).clamp(-self.eps, self.eps).view_as(x)
+        return (x + p).clamp(0.0, 1.0)
+
+
+def train_perturbation(defended: Callable[[Tensor], Tensor], clean: Callable[[Tensor], Tensor], x: Tensor,
+                       y: Tensor, teacher: Tensor, r: Retuning, autocast: Callable[[], Any]) -> Perturbation:
+    """QRA's generator for (uint8 images x, true labels y, the retuned model's probabilities on x); the two models'
+    parameters must not require gradients."""
+    with own_random_stream(r.seed, x.device):
+        generator = Perturbation(tuple(x.shape[1:]), r.qra_eps).to(x.device)
+        optimizer = torch.optim.SGD(generator.parameters(), lr=r.qra_lr, momentum=0.9)
+        with torch.enable_grad():
+            for _ in range(r.qra_epochs):
+                order = torch.randperm(len(x), device=x.device)
+                for i in range(0, len(x), 128):
+                    idx = order[i : i + 128]
+                    moved = generator(x[idx].float() / 255)
+                    with autocast():
+                        imitate = F.kl_div(F.log_softmax(defended(moved).float(), 1), teacher[idx],
+                                           reduction="batchmean")
+                        loss = r.qra_alpha * imitate + F.cross_entropy(clean(moved).float(), y[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+    return generator.eval()
+
+
+@torch.no_grad()
+def qra_scores(classify: Callable[[Tensor], Tensor], generator: Perturbation, backdoor: tuple[Tensor, ...],
+               clean: tuple[Tensor, Tensor], target: Tensor, batch_size: int, autocast: Callable[[], Any]
+               ) -> dict[str, float]:
+    """ASR on the triggered test images + p, and the share of clean test images + p (those not of the target
+    class) classified as the target: `target` holds each clean image's attack label."""
+    hits = {"asr": torch.zeros((), device=target.device), "clean_flip": torch.zeros((), device=target.device)}
+    keep = clean[1] != target
+    for name, x, labels in (("asr", backdoor[0], backdoor[1]), ("clean_flip", clean[0][keep], target[keep])):
+        for i in range(0, len(x), batch_size):
+            with autocast():
+                logits = classify(generator(x[i : i + batch_size].float() / 255))
+            hits[name] += (logits.argmax(1) == labels[i : i + batch_size]).sum()
+    return {"asr": float(hits["asr"]) / max(1, len(backdoor[0])), "clean_flip": float(hits["clean_flip"]) /
+            max(1, int(keep.sum()))}
