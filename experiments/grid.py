@@ -154,7 +154,7 @@ def check_schema(raw: Any, path: Path) -> None:
     if defenses.get("retune") is not None:
         keys("defenses.retune", defenses["retune"], RETUNE_KEYS)
         try:
-            Retuning(**defenses["retune"])
+            Retuning(**{"clean_model": "the grid's clean model (checked in validate)", **defenses["retune"]})
         except (TypeError, ValueError) as err:
             fail("defenses.retune", str(err))
     exclude = raw.get("exclude") or []
@@ -286,6 +286,9 @@ class Grid:
         if self.profile is not None and not any(p.is_dir() for p in profiled):
             raise ValueError(f"grid {self.name}: unknown profile {self.profile!r} (no configs/attack/{self.profile}/ "
                              f"or configs/defense/{self.profile}/)")
+        if (d.get("retune") or {}).get("qra") and "clean" not in a["attacks"]:
+            raise ValueError(f"grid {self.name}: defenses.retune.qra needs a clean model: add `clean` to "
+                             f"attacks.attacks (and exclude its defense runs)")
         for r in a["poison_ratios"]:
             if not 0 <= float(r) <= 1:
                 raise ValueError(f"grid {self.name}: poison ratio {r} outside [0, 1]")

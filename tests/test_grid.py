@@ -102,6 +102,9 @@ def test_retuning_switch_names_the_clean_model_each_run_needs(tmp_path) -> None:
     assert args[args.index("--data.init_args.retune.clean_model") + 1] == str(grid.attack_checkpoint(clean))
     spec["attacks"]["attacks"] = ["badnets"]
     alone = Grid.load(write_grid(tmp_path, **spec)).defense_runs()
+    spec["defenses"]["retune"]["qra"] = True
+    with pytest.raises(ValueError, match="qra needs a clean model: add `clean`"):
+        Grid.load(write_grid(tmp_path, **spec))
     assert all(r.needs == () and "--data.init_args.retune.clean_model" not in r.args for r in alone)
     assert {r.key for r in alone}.isdisjoint(r.key for r in runs)  # the reference is part of a run's identity
 
