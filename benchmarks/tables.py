@@ -2,6 +2,8 @@
 
     python -m benchmarks.tables defenses runs/grids/digits_cpu runs/grids/cifar10_cpu
     python -m benchmarks.tables attacks runs/grids/attacks_digits_cpu runs/grids/cifar10_cpu
+    python -m benchmarks.tables retuning runs/grids/retuning_digits_cpu
+    python -m benchmarks.tables findings runs/grids/findings56_cifar10_cpu
 
 `defenses`: per dataset, attack and defense, the number of runs (split seeds) and medians over them of ACC, ASR
 and RA before and after, ARR, RDR and the defense's seconds (its own work, without the two test-set
@@ -9,6 +11,10 @@ measurements), in two tables: FT and the pruning family, FT and the fine-tuning 
 `attacks`: per dataset and attack, test ACC / ASR / RA of the attacked model, its ACC minus the clean model's
 (victim training, same epochs) and, for the training-controlled attacks, minus the same recipe's at poison
 ratio 0 (configs/grids/ot_clean_*), the epochs and the seconds of the run.
+`retuning`: per dataset, attack and defense, medians of ASR after the defense and ACC / ASR after the retuning
+attack (and QRA's, where measured), with the attacked and the clean model's retuned ASR as reference rows.
+`findings`: the survey's findings 5 and 6 (protocol.md): per defense, median ASR and ACC after by SPC on the
+ratio-0.1 models, and by poisoning ratio at SPC 10, with the number of runs.
 Nothing is computed here that the result records do not hold: the medians are over their numbers.
 """
 
@@ -49,6 +55,59 @@ def defense_table(table: pd.DataFrame, methods: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
+def retuning_table(table: pd.DataFrame) -> str:
+    table = table[table["rta_asr"].notna()]
+    qra = table["qra_asr"].notna().any()
+    rows = []
+    for (dataset, attack, k), part in table.groupby(["dataset", "attack", "rta_k"], sort=False):
+        refs = part[["rta_asr_backdoored", "rta_asr_clean"]].median()
+        cells = ["", "", ""] if qra else []
+        rows.append(f"| {dataset} | {attack_display(attack)} | {k:g} | no defense (attacked model) | "
+                    f"{part['attack_key'].nunique()} | {part['asr_before'].median():.3f} | | "
+                    f"{refs.rta_asr_backdoored:.3f} |" + "".join(f"{c} |" for c in cells))
+        if pd.notna(refs.rta_asr_clean):
+            rows.append(f"| {dataset} | {attack_display(attack)} | {k:g} | never backdoored (clean model) | "
+                        f"{part['attack_key'].nunique()} | | | {refs.rta_asr_clean:.3f} |" + "".join(f"{c} |" for c in cells))
+        for method in dict.fromkeys([*PRUNING, *FINE_TUNING]):
+            runs = part[part["defense"] == method]
+            if runs.empty:
+                continue
+            m = runs.median(numeric_only=True)
+            extra = (f" {m.qra_asr:.3f} | {m.qra_clean_flip:.3f} | {m.qra_asr_clean_model:.3f} |"
+                     if qra and pd.notna(m.qra_asr) else (" | | |" if qra else ""))
+            rows.append(f"| {dataset} | {attack_display(attack)} | {k:g} | {defense_display(method)} | {len(runs)} "
+                        f"| {m.asr_after:.3f} | {m.rta_acc:.3f} | {m.rta_asr:.3f} |{extra}")
+    head = ("| dataset | attack | k | defense | runs | ASR after | RtA ACC | RtA ASR |"
+            + (" QRA ASR | QRA clean flip | QRA ASR on the clean model |" if qra else "")
+            + "\n|" + "---|" * (8 + 3 * qra))
+    return "\n".join([head, *rows])
+
+
+def findings_tables(table: pd.DataFrame) -> str:
+    """Finding 5: by SPC on the highest-ratio models; finding 6: by poisoning ratio at SPC 10."""
+    out = []
+    top = table[table["poison_ratio"] == table["poison_ratio"].max()]
+    for title, part, column in (("Finding 5: by SPC (poison ratio %g)" % table["poison_ratio"].max(), top, "spc"),
+                                ("Finding 6: by poisoning ratio (SPC 10)", table[table["spc"] == 10], "poison_ratio")):
+        values = sorted(part[column].unique())
+        head = (f"| attack | family | defense | " + " | ".join(f"{column} {v:g}: ASR / ACC (n)" for v in values)
+                + " |\n|" + "---|" * (3 + len(values)))
+        rows = []
+        for attack, by_attack in part.groupby("attack", sort=False):
+            for family, methods in (("pruning", family_members("pruning")), ("fine-tuning", FINE_TUNING)):
+                for method in ["FT", *methods] if family == "pruning" else [m for m in methods if m != "FT"]:
+                    cells = []
+                    for v in values:
+                        runs = by_attack[(by_attack["defense"] == method) & (by_attack[column] == v)]
+                        cells.append(f"{runs['asr_after'].median():.3f} / {runs['acc_after'].median():.3f} "
+                                     f"({len(runs)})" if len(runs) else "")
+                    if any(cells):
+                        rows.append(f"| {attack_display(attack)} | {family if method != 'FT' else 'baseline'} | "
+                                    f"{defense_display(method)} | " + " | ".join(cells) + " |")
+        out.append(f"{title}\n\n" + "\n".join([head, *rows]))
+    return "\n\n".join(out)
+
+
 def pattern_of(source: str) -> str:
     """The trigger file of the run (LF's `pattern`, Blended's `image`), '' when the default one was used."""
     trigger = load_attack_result(source)["trigger"]
@@ -85,10 +144,13 @@ def attack_table(attacks: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["defenses", "attacks"])
+    parser.add_argument("what", choices=["defenses", "attacks", "retuning", "findings"])
     parser.add_argument("runs_dirs", nargs="+")
     args = parser.parse_args()
-    if args.what == "defenses":
+    if args.what in ("retuning", "findings"):
+        table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
+        print(retuning_table(table) if args.what == "retuning" else findings_tables(table))
+    elif args.what == "defenses":
         table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
         print("FT and the pruning family\n\n" + defense_table(table, PRUNING))
         print("\nFT and the fine-tuning family\n\n" + defense_table(table, FINE_TUNING))

@@ -78,7 +78,7 @@ class MitigationDataModule(TensorDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.samples_per_epoch = samples_per_epoch
         self.backdoored, self.data_dir, self.retune = backdoored, data_dir, retune
-        self._retune_info: dict[str, dict[str, Any]] = {}
+        self._retune_info: dict[str, Any] = {}
         self.split: MitigationSplit | None = None
         self.spec: DataSpec | None = None
 
@@ -131,31 +131,24 @@ class MitigationDataModule(TensorDataModule):
                        ) -> dict[str, TensorImages]:
         r, split = self.retune, self.split
         dm = torch.cat([split.train, split.val])
-        if r.clean == "split":
-            reference = clean_split(y, attack["poison_indices"], r)
-            defended = reference[~torch.isin(reference, dm)]  # never retune on the defender's own images
-        else:
-            reference = defended = dm
+        chosen = clean_split(y, attack["poison_indices"], r, exclude=dm) if r.clean == "split" else dm
         x_p, y_p = poisons(x, y, attack, trigger, self.spec.num_classes, r)
-        sets = {}
-        for name, idx in (("retune", defended), ("retune_reference", reference)):
-            flags = torch.cat([torch.zeros(len(idx), dtype=torch.bool), torch.ones(r.k, dtype=torch.bool)])
-            sets[name] = TensorImages(torch.cat([x[idx], x_p]), torch.cat([y[idx], y_p]), flags)
-            self._retune_info[name] = {"clean_source": r.clean, "size": len(idx) + r.k, "poisons": r.k,
-                                       "poison_fraction": r.k / (len(idx) + r.k),
-                                       "dropped_dm_images": len(reference) - len(idx)}
+        flags = torch.cat([torch.zeros(len(chosen), dtype=torch.bool), torch.ones(r.k, dtype=torch.bool)])
+        sets = {"retune": TensorImages(torch.cat([x[chosen], x_p]), torch.cat([y[chosen], y_p]), flags)}
+        # D_m images the split's draw skipped (the next ones took their places)
+        skipped = int(torch.isin(clean_split(y, attack["poison_indices"], r), dm).sum()) if r.clean == "split" else 0
+        self._retune_info = {"clean_source": r.clean, "size": len(chosen) + r.k, "poisons": r.k,
+                             "poison_fraction": r.k / (len(chosen) + r.k), "dm_images_skipped": skipped}
         if r.qra:
-            sets["qra"] = TensorImages(*qra_set(x, y, reference, attack, trigger, self.spec.num_classes, r))
+            sets["qra"] = TensorImages(*qra_set(x, y, chosen, attack, trigger, self.spec.num_classes, r))
         return sets
 
-    def retuning(self, reference: bool = False) -> tuple[tuple[Tensor, ...], dict[str, Any]] | None:
-        """The retuning set (images, labels, is-poison flags) and what it holds, for a defended model
-        (`reference` False: without the defender's own D_m images) or for the attacked and the clean model; None
+    def retuning(self) -> tuple[tuple[Tensor, ...], dict[str, Any]] | None:
+        """The retuning set (images, labels, is-poison flags) and what it holds (datamodules/retuning.py); None
         when retuning is off or the model is clean (no poisons to retune with)."""
-        name = "retune_reference" if reference else "retune"
-        if name not in self._sets:
+        if "retune" not in self._sets:
             return None
-        return self._sets[name].tensors, self._retune_info[name]
+        return self._sets["retune"].tensors, self._retune_info
 
     def qra_data(self) -> tuple[Tensor, Tensor] | None:
         """QRA's training images and their true labels (datamodules/retuning.py), or None when QRA is off."""

@@ -4,8 +4,9 @@ RtA fine-tunes a defended model on clean images and a few poisons to see whether
 only put to sleep. Defaults from the authors' code (../shared/reviews/anchors.md 4.1): a fixed 2% of the clean
 training set (1,000 images on CIFAR-10) of which the first k = 5 are poisoned training images labelled as the
 target, shown without augmentation. Differences: the clean part is drawn (seed `seed`) from the images the attack
-never poisoned, and a defense run drops the few that are also in its D_m (the reference rows keep them; the record
-says how many went); `clean: dm` uses the defender's D_m instead (at SPC 2, 5 poisons are then 20% of the set).
+never poisoned, skipping the defender's D_m (the next images in the draw take their places; the record says how
+many), and the defended, the attacked and the clean model are all retuned on that same set; `clean: dm` uses the
+defender's D_m instead (at SPC 2, 5 poisons are then 20% of the set).
 The poisons are the first k of the attack's poisoned images in a seeded order, those whose label the attack changes
 first, triggered as the attack triggers its test images.
 """
@@ -84,15 +85,20 @@ class Retuning:
         return {k: v for k, v in asdict(self).items() if k.startswith("qra_")}
 
 
-def clean_split(labels: Tensor, poisoned: Tensor | None, r: Retuning) -> Tensor:
-    """The split's clean indices (round(fraction * N) - k of the never-poisoned images, seeded), in draw order."""
+def clean_split(labels: Tensor, poisoned: Tensor | None, r: Retuning, exclude: Tensor | None = None) -> Tensor:
+    """The split's clean indices: round(fraction * N) - k of the never-poisoned images in a seeded order, skipping
+    `exclude` (the defender's D_m) and taking the next ones in their place, so the set keeps its size."""
     pool = clean_pool(len(labels), poisoned)
     size = round(r.fraction * len(labels)) - r.k
-    if size < 1:
-        raise ValueError(f"retuning: fraction {r.fraction} of {len(labels)} images leaves no room beside k={r.k} "
-                         f"poisons; raise data.init_args.retune.fraction")
     gen = torch.Generator().manual_seed(r.seed)
-    return pool[torch.randperm(len(pool), generator=gen)[:size]]
+    order = pool[torch.randperm(len(pool), generator=gen)]
+    if exclude is not None:
+        order = order[~torch.isin(order, exclude)]
+    if size < 1 or size > len(order):
+        raise ValueError(f"retuning: fraction {r.fraction} of {len(labels)} images makes a clean part of {size} "
+                         f"images beside k={r.k} poisons, of {len(order)} available; change "
+                         f"data.init_args.retune.fraction")
+    return order[:size]
 
 
 def poisons(x: Tensor, y: Tensor, attack: dict[str, Any], trigger: Trigger, num_classes: int, r: Retuning,

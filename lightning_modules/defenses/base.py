@@ -333,14 +333,15 @@ class Defense(ImageClassifier):
 
     def retuned_references(self) -> dict[str, Any] | None:
         """The retuning attack on the attacked model ("no defense") and on the clean model ("never backdoored"),
-        before the method runs: from the cache beside the attacked checkpoint when a run retuned the same weights on
-        the same set with the same settings, else retuned here (on copies) and cached. None: retuning is off."""
+        before the method runs, on the run's retuning set: from the cache beside the attacked checkpoint when a run
+        retuned the same weights on the same set (the same D_m) with the same settings, else retuned here (on
+        copies) and cached. None: retuning is off."""
         data, trainer = self.mitigation, self.trainer
-        found = data.retuning(reference=True)
+        found = data.retuning()
         if found is None:
             return None
         self.refuse_float16("the retuning attack")
-        tensors, info = found
+        tensors, _ = found
         r = data.retune
         with own_random_stream(r.seed, self.device):  # building the network draws its initial weights
             clean = load_clean_model(r.clean_model, self.backdoor_record) if r.clean_model else None
@@ -351,14 +352,14 @@ class Defense(ImageClassifier):
             "batch_size": data.eval_batch_size, "torch": str(torch.__version__)}, kind="retuned")
         cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)
         if cached is not None:
-            return {**cached, "set": info, "source": "cache"}
+            return {**cached, "source": "cache"}
         start = time.perf_counter()
         rows = {"backdoored": self.retuned_copy(copy.deepcopy(self.net), tensors),
                 "clean": self.retuned_copy(self.on_this_device(clean), tensors) if clean is not None else None}
         self._reference_seconds = time.perf_counter() - start
         if trainer.is_global_zero:
             cache.write(rows, self._reference_seconds)
-        return {**rows, "set": info, "source": "measured"}
+        return {**rows, "source": "measured"}
 
     def retuned_copy(self, net: nn.Module, data: tuple[Tensor, ...]) -> dict[str, float]:
         """rta_acc / rta_asr / rta_ra of `net` (a copy this changes) after the retuning attack."""

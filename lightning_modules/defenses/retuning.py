@@ -6,7 +6,8 @@ datamodules/retuning.py: plain SGD (lr 0.01, momentum 0.9, no weight decay, no s
 training augmentation on the clean images only (the authors load the poisons with the test transform). Its ACC,
 ASR and RA on the test sets are `rta_acc`, `rta_asr`, `rta_ra`. The same retuning of the attacked model ("no
 defense") and of a clean model of the same dataset and backbone ("never backdoored") gives the reference rows,
-measured once per attacked model and cached beside it like "before" (evaluation.py). The retuning draws from its
+on the same set (which skips the run's D_m): measured once per attacked model and D_m split and cached beside the
+attacked model like "before" (evaluation.py). The retuning draws from its
 own seeded random stream, so it changes no run's other numbers and repeats exactly.
 QRA (same paper; optional, `qra: true`): a generator (an MLP 3HW -> 1024 -> 1024 -> 1024 -> 3HW, ReLU, tanh out,
 times eps = 16/255 and clamped to it) adds an input-specific perturbation to the image (pixels in 0..1, the sum
