@@ -87,10 +87,10 @@ def findings_tables(table: pd.DataFrame) -> str:
     """Finding 5: by SPC on the highest-ratio models; finding 6: by poisoning ratio at SPC 10."""
     out = []
     top = table[table["poison_ratio"] == table["poison_ratio"].max()]
-    for title, part, column in (("Finding 5: by SPC (poison ratio %g)" % table["poison_ratio"].max(), top, "spc"),
+    for title, part, column in ((f"Finding 5: by SPC (poison ratio {table['poison_ratio'].max():g})", top, "spc"),
                                 ("Finding 6: by poisoning ratio (SPC 10)", table[table["spc"] == 10], "poison_ratio")):
         values = sorted(part[column].unique())
-        head = (f"| attack | family | defense | " + " | ".join(f"{column} {v:g}: ASR / ACC (n)" for v in values)
+        head = ("| attack | family | defense | " + " | ".join(f"{column} {v:g}: ASR / ACC (n)" for v in values)
                 + " |\n|" + "---|" * (3 + len(values)))
         rows = []
         for attack, by_attack in part.groupby("attack", sort=False):

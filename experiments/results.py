@@ -33,7 +33,8 @@ METRICS = ["acc", "asr", "ra"]
 NAMES = ["dataset", "attack", "backbone", "poison_ratio", "defense", "spc", "split_seed", "seed"]
 # the retuning attack (lightning_modules/defenses/retuning.py): the defended model's rta_* and the reference rows'
 # ASR after the same retuning; NaN when a run had it off
-RETUNED = ["rta_acc", "rta_asr", "rta_ra", "rta_k", "rta_poison_fraction", "rta_asr_backdoored", "rta_asr_clean"]
+RETUNED = ["rta_acc", "rta_asr", "rta_ra", "rta_k", "rta_poison_fraction", "rta_asr_backdoored", "rta_asr_clean",
+           "qra_asr", "qra_clean_flip", "qra_asr_clean_model", "qra_clean_flip_clean_model"]
 COLUMNS = [*NAMES, "attack_key", KEY, *(f"{m}_{s}" for s in ("before", "after") for m in METRICS),
            "arr", "rdr", "der", "rir", *RETUNED, "seconds", "seconds_total", "before_source", "grid", "source"]
 ATTACK_COLUMNS = ["dataset", "attack", "backbone", "poison_ratio", "seed", "epochs", "acc", "asr", "ra", "seconds",
@@ -51,6 +52,9 @@ def record_row(result: DefenseResult, run_key: str, grid: str, source: str) -> d
     row |= {k: retuned.get(k, math.nan) for k in ("rta_acc", "rta_asr", "rta_ra")}
     row |= {"rta_k": retuned.get("k", math.nan), "rta_poison_fraction": retuned.get("poison_fraction", math.nan)}
     row |= {f"rta_asr_{ref}": (refs.get(ref) or {}).get("rta_asr", math.nan) for ref in ("backdoored", "clean")}
+    qra = retuned.get("qra") or {}
+    row |= {f"qra_{k}": qra.get(k, math.nan) for k in ("asr", "clean_flip")}
+    row |= {f"qra_{k}_clean_model": (qra.get("clean_model") or {}).get(k, math.nan) for k in ("asr", "clean_flip")}
     row["seconds"] = result["seconds"]["method"]
     row["seconds_total"] = result["seconds"]["total"]
     row["before_source"] = result["before_source"]
