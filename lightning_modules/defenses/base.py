@@ -38,7 +38,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from core.metrics import AttackSuccessRate, RecoveryAccuracy, arr, der, rdr, rir
 from datamodules.checkpoint import load_attacked
 from datamodules.mitigation import MitigationDataModule
-from datamodules.poisoning import attack_labels
 from datamodules.record import (
     BACKDOOR_KEY,
     DefenseResult,
@@ -48,14 +47,8 @@ from datamodules.record import (
     write_json,
 )
 from lightning_modules.classifier import ImageClassifier
+from lightning_modules.defenses import retuning
 from lightning_modules.defenses.evaluation import EVAL_VERSION, BeforeCache
-from lightning_modules.defenses.retuning import (
-    own_random_stream,
-    qra_scores,
-    retune,
-    rta_scores,
-    train_perturbation,
-)
 
 DEFENSE_KEY = "defense"
 
@@ -276,7 +269,7 @@ class Defense(ImageClassifier):
                 f"interrupted runs), or evaluate the defended checkpoint with `train.py test`")
         self._clock["before"] = time.perf_counter()
         self._before, self.before_source = self.measure_before()
-        self._retune_references = self.retuned_references()
+        self._retune_references, self._reference_seconds = retuning.reference_rows(self)
         self.train(self.training)  # Lightning keeps the modules' modes: this applies freeze_bn before training
         self._clock["method"] = time.perf_counter()
         self.prepare()
@@ -292,7 +285,7 @@ class Defense(ImageClassifier):
         self._clock["after"] = time.perf_counter()
         after = self.measure()
         self._clock["retune"] = time.perf_counter()
-        retuned = self.retuned_defended()
+        retuned = retuning.retune_defended(self, self._retune_references)
         self._clock["end"] = time.perf_counter()
         self.result = self.result_record(self._before, after, retuned)
         if self.save_defended:  # first: a result.json marks a run whose outputs are all written
@@ -330,103 +323,6 @@ class Defense(ImageClassifier):
         if trainer.is_global_zero:
             cache.write(before, time.perf_counter() - start)
         return before, "measured"
-
-    def retuned_references(self) -> dict[str, Any] | None:
-        """The retuning attack on the attacked model ("no defense") and on the clean model ("never backdoored"),
-        before the method runs, on the run's retuning set: from the cache beside the attacked checkpoint when a run
-        retuned the same weights on the same set (the same D_m) with the same settings, else retuned here (on
-        copies) and cached. None: retuning is off."""
-        data, trainer = self.mitigation, self.trainer
-        found = data.retuning()
-        if found is None:
-            return None
-        self.refuse_float16("the retuning attack")
-        tensors, _ = found
-        r = data.retune
-        with own_random_stream(r.seed, self.device):  # building the network draws its initial weights
-            clean = load_clean_model(r.clean_model, self.backdoor_record) if r.clean_model else None
-        cache = BeforeCache(self.backdoored, {
-            "eval_version": EVAL_VERSION, "weights": self.net.state_dict(), "retuning": r.settings(), "set": tensors,
-            "clean_weights": clean.state_dict() if clean is not None else None, "test_sets": data.test_digest(),
-            "precision": str(trainer.precision), "device": self.device.type, "channels_last": self.channels_last,
-            "batch_size": data.eval_batch_size, "torch": str(torch.__version__)}, kind="retuned")
-        cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)
-        if cached is not None:
-            return {**cached, "source": "cache"}
-        start = time.perf_counter()
-        rows = {"backdoored": self.retuned_copy(copy.deepcopy(self.net), tensors),
-                "clean": self.retuned_copy(self.on_this_device(clean), tensors) if clean is not None else None}
-        self._reference_seconds = time.perf_counter() - start
-        if trainer.is_global_zero:
-            cache.write(rows, self._reference_seconds)
-        return {**rows, "source": "measured"}
-
-    def retuned_copy(self, net: nn.Module, data: tuple[Tensor, ...]) -> dict[str, float]:
-        """rta_acc / rta_asr / rta_ra of `net` (a copy this changes) after the retuning attack."""
-        retune(lambda x: self.classify(x, net), list(net.parameters()), [net], data, self.mitigation.retune,
-               self.augment, self.autocast)
-        return rta_scores(self.measure(net))
-
-    def retuned_defended(self) -> dict[str, Any] | None:
-        """The retuning attack on the defended model (all its parameters, train mode), after "after": its scores,
-        settings, set and reference rows for result.json's `retuned` block; the defended weights are restored."""
-        found = self.mitigation.retuning()
-        if found is None:
-            return None
-        tensors, info = found
-        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        params = list(self.parameters())
-        requires_grad, was_training = [p.requires_grad for p in params], self.training
-        r = self.mitigation.retune
-        retune(self, params, [self], tensors, r, self.augment, self.autocast)
-        scores = rta_scores(self.measure())
-        teacher = self.probabilities(self.mitigation.qra_data()[0]) if r.qra else None  # the retuned model's
-        self.load_state_dict(state)
-        for p, flag in zip(params, requires_grad, strict=True):
-            p.requires_grad_(flag)
-        self.train(was_training)
-        block = {**scores, **r.settings(), **info, "references": self._retune_references}
-        if teacher is not None:
-            block["qra"] = self.query_reactivation(teacher)
-        return block
-
-    @torch.no_grad()
-    def probabilities(self, x: Tensor) -> Tensor:
-        was_training = self.training
-        self.eval()
-        with self.autocast():
-            out = torch.cat([self(x[i : i + 512]).float().softmax(1) for i in range(0, len(x), 512)])
-        self.train(was_training)
-        return out
-
-    def query_reactivation(self, teacher: Tensor) -> dict[str, Any]:
-        """QRA (retuning.py) on the defended model, `teacher` its retuned self's probabilities on QRA's images:
-        the defended and the clean model's ASR and clean flip rate with the generator's perturbations."""
-        data, r, attack = self.mitigation, self.mitigation.retune, self.backdoor_record["attack"]
-        x, y = data.qra_data()
-        with own_random_stream(r.seed, self.device):
-            clean = self.on_this_device(load_clean_model(r.clean_model, self.backdoor_record)).eval()
-        params = [*self.parameters(), *clean.parameters()]
-        requires_grad, was_training = [p.requires_grad for p in params], self.training
-        for p in params:
-            p.requires_grad_(False)
-        self.eval()
-        generator = train_perturbation(self, lambda v: self.classify(v, clean), x, y, teacher, r, self.autocast)
-        backdoor, test = data.test_set("backdoor"), data.test_set("clean")
-        target = attack_labels(test[1], attack["target"], attack["mode"], self.spec.num_classes)
-        size = data.eval_batch_size
-        out = {**qra_scores(self, generator, backdoor, test, target, size, self.autocast),
-               "clean_model": qra_scores(lambda v: self.classify(v, clean), generator, backdoor, test, target, size,
-                                         self.autocast),
-               "images": len(x), **r.qra_settings()}
-        for p, flag in zip(params, requires_grad, strict=True):
-            p.requires_grad_(flag)
-        self.train(was_training)
-        return out
-
-    def on_this_device(self, net: nn.Module) -> nn.Module:
-        net = net.to(self.device)
-        return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     @torch.no_grad()
     def measure(self, net: nn.Module | None = None) -> dict[str, float]:
@@ -509,22 +405,6 @@ class Defense(ImageClassifier):
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
-
-
-def load_clean_model(path: str, attacked: dict[str, Any]) -> nn.Module:
-    """The retuning attack's clean reference: a model trained without poisons on the attacked model's dataset, with
-    its backbone."""
-    run = load_attacked(path)
-    attack = run.record["attack"]
-    if attack is not None and len(attack["poison_indices"]):
-        raise ValueError(f"retuning: clean_model {path} was trained with {len(attack['poison_indices'])} poisoned "
-                         f"images; name a model trained without poisons (the grid's `clean` attack run)")
-    for what, mine, theirs in (("dataset", attacked["data"]["dataset"], run.record["data"]["dataset"]),
-                               ("backbone", attacked["backbone"], run.record["backbone"])):
-        if mine != theirs:
-            raise ValueError(f"retuning: clean_model {path} has {what} {theirs}, the attacked model {mine}; name a "
-                             f"clean model of the attacked model's dataset and backbone")
-    return run.net
 
 
 def trainer_config(trainer: L.Trainer) -> dict[str, Any]:

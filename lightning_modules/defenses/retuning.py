@@ -26,7 +26,9 @@ QRA: 50 x 1,000 generator steps through two frozen models, and two test-set pass
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.checkpoint import load_attacked
+from datamodules.poisoning import attack_labels
 from datamodules.retuning import Retuning
+from lightning_modules.defenses.evaluation import EVAL_VERSION, BeforeCache
 
 
 @contextlib.contextmanager
@@ -127,3 +132,124 @@ def qra_scores(classify: Callable[[Tensor], Tensor], generator: Perturbation, ba
             hits[name] += (logits.argmax(1) == labels[i : i + batch_size]).sum()
     return {"asr": float(hits["asr"]) / max(1, len(backdoor[0])), "clean_flip": float(hits["clean_flip"]) /
             max(1, int(keep.sum()))}
+
+
+# -- the stage, on a Defense (base.py calls these; `defense` is a fitted lightning_modules.defenses.Defense) ---------
+def reference_rows(defense: Any) -> tuple[dict[str, Any] | None, float]:
+    """The retuning attack on the attacked model ("no defense") and on the clean model ("never backdoored"), before
+    the method runs, on the run's retuning set: from the cache beside the attacked checkpoint when a run retuned the
+    same weights on the same set (the same D_m) with the same settings, else retuned here (on copies) and cached.
+    Returns the rows (None: retuning is off) and the seconds spent retuning."""
+    data, trainer = defense.mitigation, defense.trainer
+    found = data.retuning()
+    if found is None:
+        return None, 0.0
+    defense.refuse_float16("the retuning attack")
+    tensors, _ = found
+    r = data.retune
+    with own_random_stream(r.seed, defense.device):  # building the network draws its initial weights
+        clean = load_clean_model(r.clean_model, defense.backdoor_record) if r.clean_model else None
+    cache = BeforeCache(defense.backdoored, {
+        "eval_version": EVAL_VERSION, "weights": defense.net.state_dict(), "retuning": r.settings(), "set": tensors,
+        "clean_weights": clean.state_dict() if clean is not None else None, "test_sets": data.test_digest(),
+        "precision": str(trainer.precision), "device": defense.device.type, "channels_last": defense.channels_last,
+        "batch_size": data.eval_batch_size, "torch": str(torch.__version__)}, kind="retuned")
+    cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)
+    if cached is not None:
+        return {**cached, "source": "cache"}, 0.0
+    start = time.perf_counter()
+    rows = {"backdoored": retuned_copy(defense, copy.deepcopy(defense.net), tensors),
+            "clean": retuned_copy(defense, on_device(defense, clean), tensors) if clean is not None else None}
+    seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        cache.write(rows, seconds)
+    return {**rows, "source": "measured"}, seconds
+
+
+def retuned_copy(defense: Any, net: nn.Module, data: tuple[Tensor, ...]) -> dict[str, float]:
+    """rta_acc / rta_asr / rta_ra of `net` (a copy this changes) after the retuning attack."""
+    retune(lambda x: defense.classify(x, net), list(net.parameters()), [net], data, defense.mitigation.retune,
+           defense.augment, defense.autocast)
+    return rta_scores(defense.measure(net))
+
+
+def retune_defended(defense: Any, references: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The retuning attack on the defended model (all its parameters, train mode), after "after": its scores,
+    settings, set, the reference rows and QRA's block for result.json's `retuned`; the defended weights are
+    restored."""
+    found = defense.mitigation.retuning()
+    if found is None:
+        return None
+    tensors, info = found
+    state = {k: v.detach().clone() for k, v in defense.state_dict().items()}
+    params = list(defense.parameters())
+    requires_grad, was_training = [p.requires_grad for p in params], defense.training
+    r = defense.mitigation.retune
+    retune(defense, params, [defense], tensors, r, defense.augment, defense.autocast)
+    scores = rta_scores(defense.measure())
+    teacher = probabilities(defense, defense.mitigation.qra_data()[0]) if r.qra else None  # the retuned model's
+    defense.load_state_dict(state)
+    for p, flag in zip(params, requires_grad, strict=True):
+        p.requires_grad_(flag)
+    defense.train(was_training)
+    block = {**scores, **r.settings(), **info, "references": references}
+    if teacher is not None:
+        block["qra"] = query_reactivation(defense, teacher)
+    return block
+
+
+@torch.no_grad()
+def probabilities(defense: Any, x: Tensor) -> Tensor:
+    was_training = defense.training
+    defense.eval()
+    with defense.autocast():
+        out = torch.cat([defense(x[i : i + 512]).float().softmax(1) for i in range(0, len(x), 512)])
+    defense.train(was_training)
+    return out
+
+
+def query_reactivation(defense: Any, teacher: Tensor) -> dict[str, Any]:
+    """QRA on the defended model, `teacher` its retuned self's probabilities on QRA's images: the defended and the
+    clean model's ASR and clean flip rate with the generator's perturbations."""
+    data, r, attack = defense.mitigation, defense.mitigation.retune, defense.backdoor_record["attack"]
+    x, y = data.qra_data()
+    with own_random_stream(r.seed, defense.device):
+        clean = on_device(defense, load_clean_model(r.clean_model, defense.backdoor_record)).eval()
+    params = [*defense.parameters(), *clean.parameters()]
+    requires_grad, was_training = [p.requires_grad for p in params], defense.training
+    for p in params:
+        p.requires_grad_(False)
+    defense.eval()
+    generator = train_perturbation(defense, lambda v: defense.classify(v, clean), x, y, teacher, r, defense.autocast)
+    backdoor, test = data.test_set("backdoor"), data.test_set("clean")
+    target = attack_labels(test[1], attack["target"], attack["mode"], defense.spec.num_classes)
+    size = data.eval_batch_size
+    out = {**qra_scores(defense, generator, backdoor, test, target, size, defense.autocast),
+           "clean_model": qra_scores(lambda v: defense.classify(v, clean), generator, backdoor, test, target, size,
+                                     defense.autocast),
+           "images": len(x), **r.qra_settings()}
+    for p, flag in zip(params, requires_grad, strict=True):
+        p.requires_grad_(flag)
+    defense.train(was_training)
+    return out
+
+
+def on_device(defense: Any, net: nn.Module) -> nn.Module:
+    net = net.to(defense.device)
+    return net.to(memory_format=torch.channels_last) if defense.channels_last else net
+
+
+def load_clean_model(path: str, attacked: dict[str, Any]) -> nn.Module:
+    """The retuning attack's clean reference: a model trained without poisons on the attacked model's dataset, with
+    its backbone."""
+    run = load_attacked(path)
+    attack = run.record["attack"]
+    if attack is not None and len(attack["poison_indices"]):
+        raise ValueError(f"retuning: clean_model {path} was trained with {len(attack['poison_indices'])} poisoned "
+                         f"images; name a model trained without poisons (the grid's `clean` attack run)")
+    for what, mine, theirs in (("dataset", attacked["data"]["dataset"], run.record["data"]["dataset"]),
+                               ("backbone", attacked["backbone"], run.record["backbone"])):
+        if mine != theirs:
+            raise ValueError(f"retuning: clean_model {path} has {what} {theirs}, the attacked model {mine}; name a "
+                             f"clean model of the attacked model's dataset and backbone")
+    return run.net
