@@ -177,6 +177,7 @@ def test_qra_perturbations_stay_within_their_bound_and_images_within_range() -> 
     assert (moved - pixels).abs().max() > 1 / 255  # it did move them
 
 
+@pytest.mark.slow  # ~10 s: a defense run with RtA and 3 QRA epochs; the generator's bound stays in the fast suite
 def test_qra_reports_both_models_and_leaves_the_defended_weights(retuned, attacked, backdoored_checkpoint,
                                                                   tmp_path) -> None:
     """QRA (3 epochs here) adds its block; the defended weights and the RtA numbers are the run's without it."""
