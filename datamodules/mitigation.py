@@ -45,8 +45,8 @@ class MitigationDataModule(TensorDataModule):
         data_dir: override the data folder recorded by the attack run.
         on_device: keep the tensors on the accelerator.
         retune: the retuning attack's settings (datamodules/retuning.py): its set is built beside D_m and the
-            defense retunes the defended model after "after" (and, once per attacked model, the attacked model and
-            `clean_model`); None (the default): no retuning.
+            defense retunes the defended model after "after" (and, once per attacked model and D_m, the attacked
+            model and `clean_model` on the same set); None (the default): no retuning.
     """
 
     def __init__(
