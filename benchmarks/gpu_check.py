@@ -10,8 +10,9 @@ survey grid's projected GPU-hours, in one command of under 12 minutes on one H10
 
 Inputs are made on the spot: random images in CIFAR-10's shape and sizes (50,000 train, 10,000 test), as the
 device machine takes no dataset; no method's cost depends on the pixels, except where a defense stops early.
-`--dry-run`: the same stages on the CPU at toy sizes (SmallCNN, fp32, a few hundred images, the defenses' smoke
-arguments, 1 and 2 workers) in about a minute; the tests run it.
+`--jobs`, `--defenses` and `--no-speed` narrow it to a shorter re-check of (b). `--dry-run`: the same stages on
+the CPU at toy sizes (SmallCNN, fp32, a few hundred images, the defenses' smoke arguments, 1 and 2 workers)
+in about a minute; the tests run it.
 
     bash benchmarks/gpu_check.sh                 # on the GPU machine; writes $OUT (or runs/gpu_check)
     bash benchmarks/gpu_check.sh --dry-run
@@ -162,8 +163,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (what the tests run)")
     parser.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.json")
+    parser.add_argument("--jobs", type=int, nargs="+", default=None,
+                        help="workers per GPU of the stages (default 1 4; dry run 1 2)")
+    parser.add_argument("--defenses", nargs="+", default=DEFENSES_TIMED, choices=sorted(DEFENSES),
+                        help="the defenses timed (default: ft anp sau nc)")
+    parser.add_argument("--no-speed", action="store_true", help="skip (a) and with it (c): a shorter re-check of (b)")
     args = parser.parse_args()
     cfg = config(args.dry_run)
+    cfg.jobs = args.jobs or cfg.jobs
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu check: no CUDA device here; use --dry-run for the CPU version")
     out = Path(args.out)
@@ -174,11 +181,12 @@ def main() -> None:
                           "dry_run": args.dry_run}}
     print(json.dumps(report["machine"]), flush=True)
 
-    start = time.perf_counter()
-    report["training_speed"] = training_speed(cfg, data_dir)
-    print(f"(a) {cfg.backbone} {cfg.precision}: project {report['training_speed']['project_img_s']:.0f} img/s, "
-          f"reference {report['training_speed']['reference_img_s']} -> {report['training_speed']['ratio']:.2f}x "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if not args.no_speed:
+        start = time.perf_counter()
+        report["training_speed"] = training_speed(cfg, data_dir)
+        print(f"(a) {cfg.backbone} {cfg.precision}: project {report['training_speed']['project_img_s']:.0f} img/s, "
+              f"reference {report['training_speed']['reference_img_s']} -> "
+              f"{report['training_speed']['ratio']:.2f}x ({time.perf_counter() - start:.0f} s)", flush=True)
 
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
@@ -190,7 +198,7 @@ def main() -> None:
     for jobs in cfg.jobs:  # `jobs` split seeds per defense: each worker gets one run of each defense
         seeds = list(range(first_seed, first_seed + jobs))
         first_seed += jobs
-        stage = run_stage(grid_file(out, cfg, data_dir, seeds, DEFENSES_TIMED), cfg.devices, jobs)
+        stage = run_stage(grid_file(out, cfg, data_dir, seeds, args.defenses), cfg.devices, jobs)
         report["stages"].append(stage)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
         print(f"(b) {jobs} worker(s): {stage['runs']} runs in {stage['wall_s']:.0f} s = "
@@ -198,6 +206,8 @@ def main() -> None:
               + ", ".join(f"{d} {v['total']:.1f} s (method {v['method']:.1f})"
                           for d, v in stage["per_defense_median_s"].items()), flush=True)
 
+    if args.no_speed:
+        return
     report["projection"] = projection(report["training_speed"], report["stages"],
                                       Path(__file__).resolve().parents[1] / "configs" / "grids" / "survey.yaml")
     p = report["projection"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.backbones import build_backbone
+from core.determinism import deterministic_kernels
 from datamodules.cache import cached
 from datamodules.datasets import DataSpec, get_dataset
 from datamodules.transforms import BatchAugment, Normalize
@@ -145,7 +146,8 @@ def generate_pattern(cfg: PatternGeneration, cache_dir: str | None = "default") 
         start = time.perf_counter()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # enable_grad: the pattern may be resolved lazily inside a no_grad caller (Trigger.apply_chunked)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
+                deterministic_kernels():
             torch.manual_seed(cfg.seed)
             if surrogate_state is None:
                 model = train_surrogate(cfg, x_train, y_train, source.spec, device)

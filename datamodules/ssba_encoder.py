@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.determinism import deterministic_kernels
 from datamodules.cache import cached
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class StegaStampDecoder(nn.Module):
         return self.dense(self.features(x).mean((2, 3)))
 
 
+@deterministic_kernels()  # seeded: the same settings and images give the same weights, on a GPU too
 def train_stegastamp(
     images: Tensor,
     bits: int = 100,

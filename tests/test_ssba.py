@@ -222,3 +222,29 @@ def test_digits_backdoor_is_learned(digits_trigger: SSBA, tmp_path) -> None:
     metrics = {k: v for d in trainer.test(model, data, verbose=False) for k, v in d.items()}
     # measured through train.py with this setting: ACC 0.98, ASR 1.00 from epoch 10 on
     assert metrics["test/acc"] > 0.9 and metrics["test/asr"] > 0.85
+
+
+def test_deterministic_kernels_restore_every_switch() -> None:
+    from core.determinism import deterministic_kernels
+
+    cudnn = torch.backends.cudnn
+    before = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    cudnn.benchmark = True
+    try:
+        with deterministic_kernels():
+            assert cudnn.deterministic and not cudnn.benchmark and not cudnn.allow_tf32
+            assert torch.are_deterministic_algorithms_enabled()
+        assert cudnn.benchmark and torch.are_deterministic_algorithms_enabled() == before[3]
+        assert (cudnn.deterministic, cudnn.allow_tf32) == before[:1] + before[2:3]
+    finally:
+        cudnn.benchmark = before[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_training_is_deterministic_on_the_gpu() -> None:
+    """cuDNN's default backward kernels differ run to run; the encoder (and LF's pattern) must not."""
+    tiny = {"bits": 8, "width": 8, "epochs": 3, "batch_size": 16, "seed": 3, "device": "cuda"}
+    a, _, _ = train_stegastamp(digits(64, 32), **tiny)
+    b, _, _ = train_stegastamp(digits(64, 32), **tiny)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

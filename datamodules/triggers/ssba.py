@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.determinism import deterministic_kernels
 from datamodules.datasets import get_dataset
 from datamodules.ssba_encoder import (
     ENCODER_CACHE,
@@ -100,6 +101,7 @@ def fingerprint_bits(secret: str, bits: int = 100, coding: Coding = "bch") -> Te
 
 
 @torch.no_grad()
+@deterministic_kernels()  # poisoned images are cached by content: the same image must encode the same
 def apply_ssba(x: Tensor, encoder: StegaStampEncoder, secret: Tensor, chunk: int = 256) -> Tensor:
     """Encode `secret` (bits,) into uint8 images (B, C, H, W) with `encoder`; rounded, clipped uint8."""
     out = []
