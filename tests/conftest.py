@@ -12,10 +12,16 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["BACKDOOR_BENCH_CACHE"] = tempfile.mkdtemp(prefix="bb-cache-")  # before datamodules is imported
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # pytest -n N: N processes share the cores
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"  # for this worker's torch and the processes its tests start
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if XDIST_WORKER:
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -241,14 +241,93 @@ def check_sau(d, original, grads, backbone) -> None:
     assert len(d.info()["epochs"]) == d.trainer.max_epochs and changed(d.net.state_dict(), original)
 
 
-CHECKS = {"anp": check_anp, "awm": check_awm, "bcu": check_bcu, "bnp": check_bnp, "clp": check_clp, "fp": check_fp,
-          "fst": check_fst, "ft": check_fine_tuning, "ftsam": check_fine_tuning, "ibau": check_ibau,
-          "mmbd": check_mmbd, "nad": check_nad, "nc": check_nc, "npd": check_npd, "pbe": check_pbe, "rnp": check_rnp,
-          "sau": check_sau}
+def check_ims(d, original, grads, backbone) -> None:
+    info = d.info()
+    assert [info[p]["rounds"] for p in ("initial", "minimize", "minimize_l1")] == [1, 1, 1]
+    convs = [n for n, m in d.net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert d.gates.names == convs and info["convs"] == len(convs) and not any(m._forward_hooks for m in d.net.modules())
+    # the hooks reach every conv: the initial phase's loss on D_m has a gradient on each layer's selections (an
+    # untrained net's near-uniform outputs may pin them at their clip at 1, so they need not have moved)
+    x, _ = d.mitigation_data("train")
+    with d.gates.attached(d.net), torch.enable_grad():
+        terms = d.mask_terms(x, d.logits(x, None).detach(), None, 0.0)
+        grads = torch.autograd.grad(sum(terms.values()), list(d.gates.selections))
+    assert all(bool(g.abs().sum() > 0) for g in grads)
+    gates = dict(zip(convs, (g.detach() for g in d.gates.values())))
+    state = d.net.state_dict()  # only conv weights and biases changed: scaled by their channels' forward gates
+    for key, value in original.items():
+        layer, _, kind = key.rpartition(".")
+        if layer in gates and kind in ("weight", "bias"):
+            torch.testing.assert_close(state[key], value * (gates[layer].view(-1, 1, 1, 1) if kind == "weight"
+                                                            else gates[layer]))
+        else:
+            assert torch.equal(state[key], value), key
 
 
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
-@pytest.mark.parametrize("name", sorted(DEFENSES))
+def check_tsbd(d, original, grads, backbone) -> None:
+    info = d.info()
+    assert info["neurons_total"] == sum(d.net.get_submodule(n).out_channels for n in d.layer_names)
+    assert info["neurons_reinit"] == int(0.05 * info["neurons_total"]) == sum(info["reinit_per_layer"].values())
+    assert set(info["reinit_per_layer"]) <= set(d.layer_names) and info["weights_zeroed"] > 0
+    assert info["unlearn"]["epochs"] >= 1 and len(info["epochs"]) == d.trainer.max_epochs
+    assert changed(d.net.state_dict(), original) and all(math.isfinite(v) for v in info["epochs"][0].values())
+
+
+def check_fmp(d, original, grads, backbone) -> None:
+    info, every = d.info(), d.hparams.prune_every
+    convs = {n: m.out_channels for n, m in d.net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert list(info["layers"]) == list(convs)  # every conv, in module order
+    for name, layer in info["layers"].items():  # floor(C / k) pruned, the least robust of the conv
+        assert layer["channels"] == convs[name] and layer["rated"] == (convs[name] >= every)
+        assert len(layer.get("pruned", [])) == convs[name] // every
+        assert not layer.get("pruned") or max(layer["pruned_acc"]) <= layer["kept_min_acc"]
+    assert info["pruned_total"] == sum(c // every for c in convs.values()) > 0
+    assert changed(d.net.state_dict(), original) and grads.nonzero[0]  # then fine-tuned
+
+
+# BTI-DBF(U) and PAM mask the input of the classifier head (EfficientNet's: before its dropout)
+HEAD_INPUT = {"preact_resnet18": "linear", "vgg19_bn": "classifier", "efficientnet_b3": "classifier",
+              "mobilenet_v3_large": "classifier", "small_cnn": "linear"}
+
+
+def check_btidbfu(d, original, grads, backbone) -> None:
+    info = d.info()
+    assert info["feature_layer"] == HEAD_INPUT.get(backbone, layer_roles(d.net).head[0])
+    assert [r["round"] for r in info["rounds"]] == [0, 1] and 0 <= info["detected_target"] < 10  # 2nd: target push
+    assert all(0 <= r["mask"]["mean"] <= 1 and math.isfinite(r["generator"]["loss"]) for r in info["rounds"])
+    assert len(info["pretrain"]) == 1 and [e["round"] for e in info["unlearn"]] == [0, 1]
+    assert changed(d.net.state_dict(), original) and grads.nonzero[0]  # unlearned
+
+
+def check_pam(d, original, grads, backbone) -> None:
+    check_btidbfu(d, original, grads, backbone)
+    assert 0 < d.info()["unlearn"][0]["distance_to_backdoored"]
+
+
+def check_nft(d, original, grads, backbone) -> None:
+    # only the masks train (from the first step), each BN layer's within [alpha e^(-beta k), 1], folded into the weights
+    assert grads.nonzero[0] and all(n.startswith("neuron_masks") for n in set().union(*grads.nonzero))
+    masks, state = {n: m.detach() for n, m in d.masks().items()}, d.net.state_dict()
+    assert list(masks) == [n for n, _ in bn_layers(d.net)] and len(d.floors) == len(masks)
+    for k, (name, m) in enumerate(masks.items(), start=1):
+        assert m.min() >= d.hparams.alpha * math.exp(-d.hparams.beta * k) - 1e-7 and m.max() <= 1
+        assert torch.equal(state[f"{name}.weight"], original[f"{name}.weight"] * m)
+    params = {n for n, _ in d.net.named_parameters()} - {f"{n}.weight" for n in masks}
+    assert not [k for k in changed(state, original) if k in params]
+
+CHECKS = {"anp": check_anp, "awm": check_awm, "bcu": check_bcu, "bnp": check_bnp, "btidbfu": check_btidbfu,
+          "clp": check_clp, "fmp": check_fmp, "fp": check_fp, "fst": check_fst, "ft": check_fine_tuning,
+          "ftsam": check_fine_tuning, "ibau": check_ibau, "ims": check_ims, "mmbd": check_mmbd, "nad": check_nad,
+          "nc": check_nc, "nft": check_nft, "npd": check_npd, "pam": check_pam, "pbe": check_pbe, "rnp": check_rnp,
+          "sau": check_sau, "tsbd": check_tsbd}
+# pairs over the fast suite's budget, run with -m slow: FMP rates every conv channel one by one, 14,032 of them on
+# the test-width EfficientNet-B3 (~20 s; MobileNetV3's depthwise and squeeze-excitation convs stay in the fast suite)
+SLOW_PAIRS = {("fmp", "efficientnet_b3")}
+
+
+@pytest.mark.parametrize(("name", "backbone"), [
+    pytest.param(n, b, marks=[pytest.mark.slow] if (n, b) in SLOW_PAIRS else [], id=f"{n}-{b}")
+    for n in sorted(DEFENSES) for b in sorted(BACKBONES)])
 def test_every_defense_on_every_backbone(name: str, backbone: str, backbone_checkpoint, run_defense) -> None:
     assert name in CHECKS, f"add what {name} must have done on any backbone to CHECKS"
     path = backbone_checkpoint(backbone)
