@@ -4,6 +4,7 @@
     python -m benchmarks.tables attacks runs/grids/attacks_digits_cpu runs/grids/cifar10_cpu
     python -m benchmarks.tables retuning runs/grids/retuning_digits_cpu
     python -m benchmarks.tables findings runs/grids/findings56_cifar10_cpu
+    python -m benchmarks.tables by_spc runs/grids/new_defenses_digits_cpu
 
 `defenses`: per dataset, attack and defense, the number of runs (split seeds) and medians over them of ACC, ASR
 and RA before and after, ARR, RDR and the defense's seconds (its own work, without the two test-set
@@ -15,6 +16,7 @@ ratio 0 (configs/grids/ot_clean_*), the epochs and the seconds of the run.
 attack (and QRA's, where measured), with the attacked and the clean model's retuned ASR as reference rows.
 `findings`: the survey's findings 5 and 6 (protocol.md): per defense, median ASR and ACC after by SPC on the
 ratio-0.1 models, and by poisoning ratio at SPC 10, with the number of runs.
+`by_spc`: per dataset, attack, SPC and defense, medians of ACC / ASR / RA after, the retuned ASR and the seconds.
 Nothing is computed here that the result records do not hold: the medians are over their numbers.
 """
 
@@ -83,6 +85,30 @@ def retuning_table(table: pd.DataFrame) -> str:
     return "\n".join([head, *rows])
 
 
+def by_spc_table(table: pd.DataFrame) -> str:
+    """Per dataset, attack, SPC and defense (in the grid's order of first appearance): runs and medians of ACC, ASR
+    and RA after, ASR after the retuning attack and the defense's seconds, under reference rows for the attacked
+    model (ASR before, its retuned ASR) and the clean model (its retuned ASR)."""
+    rows = []
+    for (dataset, attack, spc), part in table.groupby(["dataset", "attack", "spc"], sort=False):
+        refs = part[["asr_before", "acc_before", "rta_asr_backdoored", "rta_asr_clean"]].median()
+        retuned = lambda v: f"{v:.3f}" if pd.notna(v) else ""
+        rows.append(f"| {dataset} | {attack_display(attack)} | {spc} | no defense (attacked model) | "
+                    f"{part['attack_key'].nunique()} | {refs.acc_before:.3f} | {refs.asr_before:.3f} | | "
+                    f"{retuned(refs.rta_asr_backdoored)} | |")
+        if pd.notna(refs.rta_asr_clean):
+            rows.append(f"| {dataset} | {attack_display(attack)} | {spc} | never backdoored (clean model) | "
+                        f"{part['attack_key'].nunique()} | | | | {refs.rta_asr_clean:.3f} | |")
+        for method in dict.fromkeys(part["defense"]):
+            m = part[part["defense"] == method].median(numeric_only=True)
+            rows.append(f"| {dataset} | {attack_display(attack)} | {spc} | {defense_display(method)} | "
+                        f"{(part['defense'] == method).sum()} | {m.acc_after:.3f} | {m.asr_after:.3f} | "
+                        f"{m.ra_after:.3f} | {retuned(m.rta_asr)} | {m.seconds:.1f} |")
+    head = ("| dataset | attack | SPC | defense | runs | ACC after | ASR after | RA after | RtA ASR | seconds |\n|"
+            + "---|" * 10)
+    return "\n".join([head, *rows])
+
+
 def findings_tables(table: pd.DataFrame) -> str:
     """Finding 5: by SPC on the highest-ratio models; finding 6: by poisoning ratio at SPC 10."""
     out = []
@@ -144,12 +170,12 @@ def attack_table(attacks: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["defenses", "attacks", "retuning", "findings"])
+    parser.add_argument("what", choices=["defenses", "attacks", "retuning", "findings", "by_spc"])
     parser.add_argument("runs_dirs", nargs="+")
     args = parser.parse_args()
-    if args.what in ("retuning", "findings"):
+    if args.what in ("retuning", "findings", "by_spc"):
         table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
-        print(retuning_table(table) if args.what == "retuning" else findings_tables(table))
+        print({"retuning": retuning_table, "findings": findings_tables, "by_spc": by_spc_table}[args.what](table))
     elif args.what == "defenses":
         table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
         print("FT and the pruning family\n\n" + defense_table(table, PRUNING))
