@@ -12,7 +12,8 @@ the classifier in eval mode for mask and G; G ends in a sigmoid (valid pixels; i
 the pretraining's soft-label CE without the reference's double softmax.
 Defaults: configs/defense/btidbfu.yaml (the authors' README; trainer.max_epochs = nround x ul_round = 150).
 Cost: 50 + 5 x (20 + 30 + 30) = 450 epochs over D_m; per sample a pretraining or G epoch is G fwd + bwd and 2
-classifier fwd + 1 bwd to the input, a mask epoch 1 classifier fwd, an unlearning epoch G fwd + 2 fwd + 1 bwd.
+classifier fwd + 1 bwd to the input, a mask epoch 1 classifier fwd, an unlearning epoch G fwd + 2 fwd + 1 bwd;
+measured: benchmarks/README.md, "Newer defenses".
 """
 
 from __future__ import annotations

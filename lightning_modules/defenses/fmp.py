@@ -12,7 +12,8 @@ Differs from the fork (details: docs/fidelity.md, "FMP"):
 - batched: one replica of the images per channel, each pass stopped at the rated conv; convs with < 64 channels
   lose none and are not rated. Defaults: configs/defense/fmp.yaml (the fork's config/defense/fmp/default.yaml).
 Cost: per rated channel, 32 images x (fwd + bwd up to its conv, 1 full fwd); 4.8k channels on PreAct-ResNet18,
-5.5k VGG-19-BN, 17k MobileNetV3-L, 62.6k EfficientNet-B3; then 1 fwd + 1 bwd per D_m image per epoch. Not measured.
+5.5k VGG-19-BN, 17k MobileNetV3-L, 62.6k EfficientNet-B3; then 1 fwd + 1 bwd per D_m image per epoch;
+measured: benchmarks/README.md, "Newer defenses".
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Differs from the fork (docs/fidelity.md, "IMS"): no delta fitted in the initial 
 the reference is the gate-free net, not a copy. The ViT variant (gates on transformer blocks) waits for a ViT backbone.
 Defaults: configs/defense/ims.yaml (the fork's config/defense/ims/default.yaml).
 Cost per image per round: initial 3 fwd + 2 bwd; minimize 46 fwd + 44 bwd (20 perturbation steps); at most
-100 + 200 + 200 rounds; not yet measured on a GPU.
+100 + 200 + 200 rounds; measured: benchmarks/README.md, "Newer defenses".
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Differs from the fork (details: docs/fidelity.md, "NFT"): SPC in the L1 term is 
 configured SPC); `restore_bn_statistics: true` keeps the attacked model's running BN statistics (default false = the
 fork: train mode re-estimates them on the MixUp batches, an ARR risk at SPC 2).
 Defaults: configs/defense/nft.yaml (the fork's default.yaml; cosine over the run, 100 epochs there).
-Cost: 1 fwd + 1 bwd (to the masks only) per D_m sample per epoch, as FT; not yet measured (benchmarks/README.md).
+Cost: 1 fwd + 1 bwd (to the masks only) per D_m sample per epoch, as FT;
+measured: benchmarks/README.md, "Newer defenses".
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ replaced (the code's count; anchors.md wrote ceil(20%) + 1); the same loss as BT
 reference's plain CE.
 Defaults: configs/defense/pam.yaml (the authors' demo: rho 0.5, 3 rounds, SGD lr 0.01 momentum 0.1).
 Cost: as BTI-DBF(U) with 3 rounds (50 + 3 x 80 = 290 epochs over D_m); an unlearning step is G fwd + 1 fwd + 1 bwd
-per sample plus three parameter-sized copies (theta_bd, the saved theta, e).
+per sample plus three parameter-sized copies (theta_bd, the saved theta, e);
+measured: benchmarks/README.md, "Newer defenses".
 """
 
 from __future__ import annotations

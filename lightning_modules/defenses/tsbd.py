@@ -12,7 +12,7 @@ read on the test set; the stop reads un-augmented D_m; BN statistics move once p
 from a copy instead of perturbing a per-batch deep copy of the model.
 Defaults: configs/defense/tsbd.yaml (the reference's config.yaml; the neuron ratio is ours).
 Cost: unlearning 1 fwd + 1 bwd per D_m sample per epoch + 1 fwd for the stop check; fine-tuning 2 fwd + 2 bwd per
-sample per epoch (2x FT); not yet measured (the digits fixture at SPC 10 stops unlearning after 86 one-step epochs).
+sample per epoch (2x FT); measured: benchmarks/README.md, "Newer defenses".
 """
 
 from __future__ import annotations
