@@ -436,7 +436,7 @@ def test_benchmark_tables_print_the_records_medians(finished_grid, monkeypatch, 
     from benchmarks.tables import main
 
     printed = {}
-    for what in ("defenses", "attacks"):  # `python -m benchmarks.tables <what> <runs>`, in this process
+    for what in ("defenses", "attacks", "by_spc"):  # `python -m benchmarks.tables <what> <runs>`, in this process
         monkeypatch.setattr(sys, "argv", ["tables.py", what, str(finished_grid["runs"])])
         main()
         printed[what] = capsys.readouterr().out
@@ -448,6 +448,10 @@ def test_benchmark_tables_print_the_records_medians(finished_grid, monkeypatch, 
     assert cells[8] == f"{statistics.median(r['arr'] for r in ft):.3f}"
     for marker in (json.loads(p.read_text()) for p in finished_grid["runs"].glob("attacks/*/attack.json")):
         assert f"| {marker['metrics']['test/acc']:.3f} |" in printed["attacks"]
+    cells = [c.strip() for c in next(line for line in printed["by_spc"].splitlines() if "| FT |" in line).split("|")]
+    mine = [r for r in ft if r["attack"] == cells[2] and r["spc"] == int(cells[3])]
+    assert cells[5] == str(len(mine)) and len(mine) > 0
+    assert cells[6:9] == [f"{statistics.median(r['after'][k] for r in mine):.3f}" for k in ("acc", "asr", "ra")]
 
 
 @pytest.mark.slow  # 10 s: a sweep agent's run in a subprocess; W&B logging stays in test_configs
