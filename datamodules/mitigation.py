@@ -132,7 +132,7 @@ class MitigationDataModule(TensorDataModule):
         r, split = self.retune, self.split
         dm = torch.cat([split.train, split.val])
         chosen = clean_split(y, attack["poison_indices"], r, exclude=dm) if r.clean == "split" else dm
-        x_p, y_p = poisons(x, y, attack, trigger, self.spec.num_classes, r)
+        x_p, y_p = poisons(x, y, attack, trigger, self.spec.num_classes, r, exclude=torch.cat([chosen, dm]))
         flags = torch.cat([torch.zeros(len(chosen), dtype=torch.bool), torch.ones(r.k, dtype=torch.bool)])
         sets = {"retune": TensorImages(torch.cat([x[chosen], x_p]), torch.cat([y[chosen], y_p]), flags)}
         # D_m images the split's draw skipped (the next ones took their places)

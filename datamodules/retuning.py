@@ -101,10 +101,20 @@ def clean_split(labels: Tensor, poisoned: Tensor | None, r: Retuning, exclude: T
     return order[:size]
 
 
+def poison_pool(attack: dict[str, Any], n: int, exclude: Tensor | None = None) -> Tensor:
+    """The training images the retuning may poison: the attack's poisoned ones; for a training-controlled attack
+    (WaNet, BPP, IAB, LIRA: it poisons on the fly and records none) every training image outside `exclude` (the
+    retuning's clean part and D_m), triggered by the same trigger as its backdoor test set."""
+    if attack["poison_indices"] is not None:
+        return attack["poison_indices"]
+    pool = torch.arange(n)
+    return pool if exclude is None else pool[~torch.isin(pool, exclude)]
+
+
 def poisons(x: Tensor, y: Tensor, attack: dict[str, Any], trigger: Trigger, num_classes: int, r: Retuning,
-            k: int | None = None) -> tuple[Tensor, Tensor]:
-    """k (default: r.k) poisoned training images and their attack labels."""
-    indices = attack["poison_indices"]
+            k: int | None = None, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """k (default: r.k) poisoned training images and their attack labels (`exclude`: see poison_pool)."""
+    indices = poison_pool(attack, len(y), exclude)
     k = r.k if k is None else k
     if len(indices) < k:
         raise ValueError(f"retuning: the attack poisoned {len(indices)} training images, fewer than k={r.k}; lower "
@@ -123,7 +133,7 @@ def qra_set(x: Tensor, y: Tensor, split: Tensor, attack: dict[str, Any], trigger
             r: Retuning) -> tuple[Tensor, Tensor]:
     """QRA's training images (the split's first qra_clean clean images, then up to qra_poison poisoned training
     images whose label the attack changes) and their true labels."""
-    indices = attack["poison_indices"]
+    indices = poison_pool(attack, len(y), exclude=split)
     changed = attack_labels(y[indices], attack["target"], attack["mode"], num_classes) != y[indices]
     count = min(r.qra_poison, int(changed.sum()))
     gen = torch.Generator().manual_seed(r.seed)

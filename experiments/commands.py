@@ -17,6 +17,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -110,18 +111,25 @@ def cmd_one(args: argparse.Namespace) -> None:
     if attack_key not in attacks:
         raise SystemExit(f"no attacked model {attack_key!r} in {args.grid} (see `python grid.py count`)")
     attack = attacks[attack_key]
-    with locked(grid.runs_dir / "locks" / f"{attack_key}.lock"):  # agents share one training of each model
-        if read_marker(grid.attack_dir(attack), "attack") is None:
-            outcome = execute(attack_job(grid, attack, project if not defense_key else None))
-            if outcome["status"] == "busy":
-                raise SystemExit(f"attacked model {attack_key} is being trained by another runner; run this again "
-                                 f"once it has finished")
-            if outcome["status"] != "done":
-                raise SystemExit(f"attack {attack_key} failed: {outcome['error']}")
+
+    def trained(model: Any, log_to: str | None) -> None:
+        with locked(grid.runs_dir / "locks" / f"{model.key}.lock"):  # agents share one training of each model
+            if read_marker(grid.attack_dir(model), "attack") is None:
+                outcome = execute(attack_job(grid, model, log_to))
+                if outcome["status"] == "busy":
+                    raise SystemExit(f"attacked model {model.key} is being trained by another runner; run this "
+                                     f"again once it has finished")
+                if outcome["status"] != "done":
+                    raise SystemExit(f"attack {model.key} failed: {outcome['error']}")
+
+    trained(attack, project if not defense_key else None)
     if defense_key:
-        runs = {d.key: d for d in grid.defense_runs([attack])}
+        # planned over all attacked models, as the runner plans: a retuning run names the grid's clean model
+        runs = {d.key: d for d in grid.defense_runs(list(attacks.values())) if d.attack.key == attack_key}
         if defense_key not in runs:
             raise SystemExit(f"no defense run {defense_key!r} for {attack_key} in {args.grid}")
+        for model in runs[defense_key].needs:  # the retuning's clean reference model
+            trained(model, None)
         outcome = execute(defense_job(grid, runs[defense_key], project))
         if outcome["status"] == "busy":  # e.g. two agents handed the same key: the other one runs it
             print(f"{args.run}: being run by another runner or agent; left to it")

@@ -109,6 +109,28 @@ def test_retuning_switch_names_the_clean_model_each_run_needs(tmp_path) -> None:
     assert {r.key for r in alone}.isdisjoint(r.key for r in runs)  # the reference is part of a run's identity
 
 
+def test_one_run_of_a_retuning_grid_is_the_runners_run_and_trains_its_clean_model_first(tmp_path, monkeypatch) -> None:
+    """`grid.py one` (what sweep agents call) plans a run as the runner does, so a retuning run keeps its key and its
+    clean reference model, and it trains that model first when it is missing."""
+    import argparse
+
+    from experiments import commands, runner
+
+    spec = yaml.safe_load(write_grid(tmp_path).read_text())
+    spec["attacks"]["attacks"] = ["badnets", "clean"]
+    spec["defenses"]["retune"] = {"k": 1}
+    spec["exclude"] = [{"attack": "clean", "defense": ["ft", "clp"]}]
+    path = write_grid(tmp_path, **spec)
+    grid = Grid.load(path)
+    (badnets, clean), run = grid.attack_runs(), grid.defense_runs()[0]
+    jobs, trained = [], {badnets.key}  # the attacked model is trained, the clean one is not
+    monkeypatch.setattr(runner, "read_marker", lambda folder, kind: {} if folder.name in trained else None)
+    monkeypatch.setattr(runner, "execute", lambda job: jobs.append(job) or {"status": "done"})
+    commands.cmd_one(argparse.Namespace(grid=str(path), run=f"{badnets.key}/{run.key}", wandb_project=None))
+    assert len(jobs) == 2 and str(grid.attack_dir(clean)) in str(jobs[0]) and run.key in str(jobs[1])
+    assert str(grid.attack_checkpoint(clean)) in str(jobs[1])
+
+
 def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
     """Editing a value in a config YAML makes new runs (the key hashes its parsed contents; a comment does not);
     the file enters the hash by its path inside the repository, so checkouts elsewhere agree on every key."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datamodules import mitigation
-from datamodules.retuning import Retuning, clean_split
+from datamodules.retuning import Retuning, clean_split, poisons, qra_set
 from lightning_modules.defenses import FT
 from tests import helpers
 
@@ -85,6 +85,25 @@ def test_the_set_avoids_poisons_and_the_defenders_images_and_holds_k_triggered_p
     assert (x[poisoned][:, :, -3:, -3:] == 255).all() and not (x[~poisoned][:, :, -3:, -3:] == 255).all()
     candidates = x_train[backdoored_checkpoint["poison_indices"]][:, :, :-3]  # the rows above the patch
     assert (candidates[None] == x[poisoned][:, None, :, :-3]).flatten(2).all(2).any(1).all()
+
+
+def test_a_training_controlled_attack_is_poisoned_with_its_trigger_outside_the_clean_part() -> None:
+    """WaNet, BPP, IAB and LIRA record no poisoned indices (they poison on the fly): the k poisons are then drawn
+    from the other training images (not the clean part, not D_m), triggered, and labelled as the target."""
+    from datamodules.triggers import BadNets
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 200, (400, 3, 16, 16), generator=gen, dtype=torch.uint8), torch.arange(400) % 10
+    attack = {"poison_indices": None, "target": 0, "mode": "all_to_one"}
+    exclude = torch.arange(0, 400, 2)  # the clean part and D_m
+    x_p, y_p = poisons(x, y, attack, BadNets(), 10, RETUNE, exclude=exclude)
+    assert len(x_p) == 5 and torch.equal(y_p, torch.zeros(5).long())
+    assert (x_p[:, :, -2:, -2:] == 255).all()  # triggered (a 2x2 white corner at 16 px)
+    sources = [int(torch.nonzero((x[:, :, :-3] == p[:, :-3]).flatten(1).all(1))[0]) for p in x_p]
+    assert not torch.isin(torch.tensor(sources), exclude).any() and all(y[i] != 0 for i in sources)
+    xq, yq = qra_set(x, y, exclude[:4], attack, BadNets(), 10, dataclasses.replace(RETUNE, qra_clean=4, qra_poison=6))
+    assert len(xq) == 10 and torch.equal(xq[:4], x[exclude[:4]]) and (xq[4:, :, -2:, -2:] == 255).all()
+    assert (yq[4:] != 0).all() and torch.equal(yq[:4], y[exclude[:4]])  # true labels
 
 
 def test_a_defense_that_changes_nothing_retunes_exactly_like_no_defense(attacked, tmp_path) -> None:
