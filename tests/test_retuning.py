@@ -135,7 +135,7 @@ def test_without_the_trigger_on_the_poisons_less_wakes(attacked, retuned, tmp_pa
     the test above measures the trigger's effect, not only fine-tuning's."""
     real = mitigation.poisons
 
-    def untriggered(x, y, attack, trigger, num_classes, r):
+    def untriggered(x, y, attack, trigger, num_classes, r, **kwargs):
         class Identity:
             clean_label = trigger.clean_label
 
@@ -143,7 +143,7 @@ def test_without_the_trigger_on_the_poisons_less_wakes(attacked, retuned, tmp_pa
             def apply_chunked(images):
                 return images
 
-        return real(x, y, attack, Identity(), num_classes, r)
+        return real(x, y, attack, Identity(), num_classes, r, **kwargs)
 
     monkeypatch.setattr(mitigation, "poisons", untriggered)
     monkeypatch.setenv("BACKDOOR_BENCH_BEFORE_CACHE", "off")
