@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from datamodules.transforms import to_unit
 from lightning_modules.defenses.base import Defense
+from lightning_modules.defenses.hooks import capture
 
 Forward = Callable[[Tensor], Tensor]  # pixels in [0, 1] -> logits
 
@@ -70,19 +71,8 @@ def following_bns(net: nn.Module, forward: Forward, x: Tensor) -> dict[str, str 
     modules = list(net.named_modules())
     after = {name: nxt for (name, m), (nxt, n) in itertools.pairwise(modules)
              if isinstance(m, nn.Conv2d) and isinstance(n, nn.BatchNorm2d)}
-    outputs: dict[str, Tensor] = {}
-    inputs: dict[str, Tensor] = {}
-    handles = []
-    for name, m in modules:
-        if name in after:
-            handles.append(m.register_forward_hook(lambda mod, i, o, name=name: outputs.__setitem__(name, o)))
-        if name in after.values():
-            handles.append(m.register_forward_pre_hook(lambda mod, i, name=name: inputs.__setitem__(name, i[0])))
-    try:
+    with capture(net, list(after), "output") as outputs, capture(net, list(after.values()), "input") as inputs:
         forward(x)
-    finally:
-        for h in handles:
-            h.remove()
     return {name: after[name] if name in outputs and inputs.get(after[name]) is outputs[name] else None
             for name, _ in conv_layers(net)}
 
