@@ -7,9 +7,12 @@
 
 Both train the same backbone with SGD (lr 0.01, momentum 0.9, wd 5e-4) and batch 128 for the same number
 of steps; the first `--warmup` steps are not timed. Prints images/second and the ratio project / reference.
+`--compile MODE` also measures the project with its backbone compiled (`VictimTraining(compile_mode=MODE)`;
+"reduce-overhead" = CUDA graphs): the compilation falls in the untimed warm-up steps.
 
     python benchmarks/train_speed.py --backbone small_cnn --steps 60               # 2 CPU cores
-    python benchmarks/train_speed.py --backbone preact_resnet18 --steps 300 --device cuda --precision bf16-mixed
+    python benchmarks/train_speed.py --backbone preact_resnet18 --steps 300 --device cuda --precision bf16-mixed \
+        --compile reduce-overhead
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import platform
 import time
 from pathlib import Path
+from typing import get_args
 
 import lightning as L
 import numpy as np
@@ -31,6 +35,7 @@ from datamodules import BackdoorDataModule
 from datamodules.datasets import CIFAR10, write_npz
 from datamodules.triggers import BadNets
 from lightning_modules import VictimTraining
+from lightning_modules.victim import CompileMode
 from core.backbones import BACKBONES
 
 BATCH = 128
@@ -53,10 +58,10 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def project_throughput(args, data_dir: str, channels_last: bool) -> float:
+def project_throughput(args, data_dir: str, channels_last: bool, compile_mode: str | None = None) -> float:
     data = BackdoorDataModule("cifar10", data_dir=data_dir, trigger=BadNets(), poison_ratio=0.1,
                               batch_size=BATCH, cache_dir=None)
-    model = VictimTraining(BACKBONES[args.backbone], channels_last=channels_last)
+    model = VictimTraining(BACKBONES[args.backbone], channels_last=channels_last, compile_mode=compile_mode)
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(max_steps=args.steps, accelerator=args.device, devices=1, precision=args.precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -132,6 +137,8 @@ def main() -> None:
                         help="DataLoader workers of the reference loop (each is measured)")
     parser.add_argument("--data_dir", default=None, help="folder with cifar10/{train,test}.npz; default: random")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--compile", default=None, choices=get_args(CompileMode),
+                        help="also measure the project with its backbone compiled in this mode")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
@@ -144,13 +151,18 @@ def main() -> None:
     for r in range(args.repeats):
         ours = project_throughput(args, data_dir, channels_last=True)
         plain_layout = project_throughput(args, data_dir, channels_last=False)
+        compiled = project_throughput(args, data_dir, True, args.compile) if args.compile else None
         refs = {w: reference_throughput(args, data_dir, w) for w in args.workers}
         best = max(refs.values())
-        rows.append(ours / best)
-        print(f"[{r}] project {ours:8.0f} img/s (without channels_last {plain_layout:8.0f}) | reference "
+        rows.append((ours / best, compiled / best if compiled else float("nan")))
+        print(f"[{r}] project {ours:8.0f} img/s (without channels_last {plain_layout:8.0f}"
+              + (f", compiled {args.compile} {compiled:8.0f}" if compiled else "") + ") | reference "
               + ", ".join(f"{w} workers {v:8.0f} img/s" for w, v in refs.items())
-              + f" | ratio vs best reference {ours / best:.2f}x")
-    print(f"median ratio over {len(rows)} repeat(s): {float(np.median(rows)):.2f}x")
+              + f" | ratio vs best reference {ours / best:.2f}x"
+              + (f", compiled {compiled / best:.2f}x" if compiled else ""))
+    ratios = np.array(rows)
+    print(f"median ratio over {len(rows)} repeat(s): {float(np.median(ratios[:, 0])):.2f}x"
+          + (f", compiled ({args.compile}) {float(np.median(ratios[:, 1])):.2f}x" if args.compile else ""))
 
 
 if __name__ == "__main__":

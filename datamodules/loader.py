@@ -27,7 +27,13 @@ class TensorImages(Dataset):
         return tuple(t[index] for t in self.tensors)
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
-        idx = torch.as_tensor(indices, device=self.tensors[0].device)
+        idx, device = torch.as_tensor(indices), self.tensors[0].device
+        if device.type == "cuda":
+            # from pinned memory without blocking: a pageable copy would synchronise the stream every step, so the
+            # host could not queue the next step's kernels while the GPU runs this one
+            idx = idx.pin_memory().to(device, non_blocking=True)
+        else:
+            idx = idx.to(device)
         return tuple(t[idx] for t in self.tensors)
 
     def to(self, device: torch.device | str) -> TensorImages:

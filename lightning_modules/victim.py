@@ -5,14 +5,16 @@ survey's recipe (protocol.md): SGD lr 0.01, momentum 0.9, weight decay 5e-4, bat
 over the run stepped per epoch, 100 epochs (trainer), random crop (pad 4) and, on CIFAR-10 only,
 horizontal flip, done batched on the device. Each epoch logs train/loss and val/acc, val/asr, val/ra.
 Checkpoints carry the backdoor record (datamodules/record.py) that defenses rebuild the run from.
-Measured: see benchmarks/README.md.
+`compile_mode` compiles the backbone (`nn.Module.compile`, state-dict keys unchanged) when a Trainer builds the
+model; "reduce-overhead" adds CUDA graphs, the lever for a launch-bound GPU step (PreAct-ResNet18 at batch 128).
+Off by default: compiling costs a minute or more per run. Measured: see benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
@@ -21,6 +23,8 @@ from core.optim import Schedule, sgd_with_schedule
 from datamodules.datasets import DataSpec, get_dataset
 from datamodules.record import BACKDOOR_KEY, backdoor_record, read_record
 from lightning_modules.classifier import ImageClassifier
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class VictimTraining(ImageClassifier):
@@ -32,6 +36,8 @@ class VictimTraining(ImageClassifier):
         channels_last: NHWC memory format (faster convolutions on CPU and on tensor cores).
         dataset: the registered dataset it classifies (normalisation, augmentation, number of classes); train.py
             links it from data.init_args.dataset. None, for direct use with a Trainer: the DataModule's.
+        compile_mode: None (eager) or a `torch.compile` mode for the backbone, applied when a Trainer builds the
+            model (fit or test); "reduce-overhead" captures forward and backward as CUDA graphs on a GPU.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class VictimTraining(ImageClassifier):
         augment: bool = True,
         channels_last: bool = True,
         dataset: str | None = None,
+        compile_mode: CompileMode | None = None,
     ) -> None:
         super().__init__(channels_last=channels_last)
         self.save_hyperparameters()
@@ -56,6 +63,9 @@ class VictimTraining(ImageClassifier):
         self.use_augment = augment
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if compile_mode is not None and compile_mode not in get_args(CompileMode):
+            raise ValueError(f"compile_mode must be None or one of {get_args(CompileMode)}, got {compile_mode!r}")
+        self.compile_mode = compile_mode
 
     @property
     def backbone_spec(self) -> dict[str, Any]:
@@ -87,6 +97,9 @@ class VictimTraining(ImageClassifier):
     def configure_model(self) -> None:
         if self.spec is not None:
             self.build(self.spec)
+        if self.compile_mode is not None and self.net is not None and self.net._compiled_call_impl is None:
+            # static shapes: one graph for the full batches and one for an epoch's last, smaller batch
+            self.net.compile(mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=False)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

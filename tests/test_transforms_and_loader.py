@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +61,20 @@ def test_loader_batches_with_one_index_call() -> None:
     a = [b[1].tolist() for b in tensor_loader(data, 4, shuffle=True)]
     torch.manual_seed(1)
     assert a == [b[1].tolist() for b in tensor_loader(data, 4, shuffle=True)]
+
+
+@pytest.mark.gpu
+def test_device_batches_do_not_synchronise() -> None:
+    """On a GPU, fetching a batch (the index copy), crop / flip and normalisation queue their kernels without waiting
+    for the GPU: a host sync per step would serialise the launch-bound training loop (sync debug mode raises on one;
+    `torch.as_tensor(indices, device="cuda")`, a pageable copy, was one)."""
+    n = 1000
+    data = TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10).to("cuda")
+    augment, normalize = BatchAugment(4, hflip=True), Normalize((0.5,) * 3, (0.25,) * 3).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [normalize(augment(x)).sum() + y.sum() for x, y in tensor_loader(data, 128, shuffle=True)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 8 and torch.isfinite(torch.stack(batches)).all()

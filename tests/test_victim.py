@@ -152,3 +152,50 @@ def test_clean_training_has_no_backdoor_metrics() -> None:
                         enable_model_summary=False)
     trainer.fit(model, data)
     assert "val/acc" in trainer.callback_metrics and "val/asr" not in trainer.callback_metrics
+
+
+def test_compile_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="compile_mode must be None or one of"):
+        VictimTraining(functools.partial(SmallCNN, width=4), compile_mode="fastest")
+
+
+class _FirstWeights(L.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+
+def _train_steps(compile_mode: str | None, accelerator: str = "cpu") -> tuple[VictimTraining, dict]:
+    L.seed_everything(0)
+    data = BackdoorDataModule("digits", trigger=Blended(), batch_size=32, cache_dir=None)
+    model, first = VictimTraining(functools.partial(SmallCNN, width=4), compile_mode=compile_mode), _FirstWeights()
+    trainer = L.Trainer(max_steps=3, accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[first])
+    trainer.fit(model, data)
+    return model, first.state
+
+
+def _assert_same_steps(eager: tuple[VictimTraining, dict], other: tuple[VictimTraining, dict], atol: float) -> None:
+    (a, a_first), (b, b_first) = eager, other
+    for name, value in a.net.state_dict().items():
+        assert torch.equal(a_first[name], b_first[name]), f"{name}: the runs did not start from the same weights"
+        assert torch.allclose(b.net.state_dict()[name].float(), value.float(), atol=atol), name
+    assert not torch.equal(a.net.state_dict()["features.0.weight"], a_first["features.0.weight"]), "no step taken"
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager() -> None:
+    """`compile_mode` compiles the backbone (so the compiled call ran) and changes neither the updates (the same
+    three SGD steps as eager, up to kernel rounding) nor the state-dict keys checkpoints hold."""
+    eager, compiled = _train_steps(None), _train_steps("default")
+    assert eager[0].net._compiled_call_impl is None and compiled[0].net._compiled_call_impl is not None
+    assert list(compiled[0].state_dict()) == list(eager[0].state_dict())
+    _assert_same_steps(eager, compiled, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_runs() -> None:
+    """"reduce-overhead" (CUDA graphs) on a GPU: three steps train and match eager closely."""
+    eager, graphed = _train_steps(None, "cuda"), _train_steps("reduce-overhead", "cuda")
+    assert graphed[0].net._compiled_call_impl is not None
+    _assert_same_steps(eager, graphed, atol=1e-3)
