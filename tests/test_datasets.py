@@ -40,6 +40,32 @@ def test_prepared_npz_is_read_first(tmp_path) -> None:
     assert images.shape == (4, 3, 32, 32) and (images == 9).all() and labels.tolist() == [0, 1, 2, 3]
 
 
+def test_a_process_reads_a_file_once_and_hands_out_copies(tmp_path, monkeypatch) -> None:
+    """The second load of an unchanged file comes from memory, as a copy a caller may write into; a rewritten file
+    (write_npz replaces it) is read again; a file of another dataset's shape is still refused."""
+    from datamodules.datasets import base
+
+    original, reads = base.read_npz, []
+
+    def counted(path):
+        reads.append(path)
+        return original(path)
+
+    monkeypatch.setattr(base, "read_npz", counted)
+    path = tmp_path / "cifar10" / "train.npz"
+    write_npz(path, np.full((4, 32, 32, 3), 9, dtype=np.uint8), np.array([0, 1, 2, 3]))
+    first, _ = CIFAR10().load(tmp_path, "train")
+    first[:] = 0  # the caller's copy
+    again, labels = CIFAR10().load(tmp_path, "train")
+    assert len(reads) == 1 and (again == 9).all() and labels.tolist() == [0, 1, 2, 3]
+    write_npz(path, np.full((4, 32, 32, 3), 7, dtype=np.uint8), np.array([3, 2, 1, 0]))
+    rewritten, labels = CIFAR10().load(tmp_path, "train")
+    assert len(reads) == 2 and (rewritten == 7).all() and labels.tolist() == [3, 2, 1, 0]
+    write_npz(tmp_path / "tiny_imagenet" / "train.npz", np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"uint8 \(N, 64, 64, 3\)"):
+        TinyImageNet().load(tmp_path, "train")
+
+
 def test_missing_file_says_how_to_get_it(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"cifar10/train\.npz not found.*python -m datamodules\.prepare cifar10"):
         CIFAR10().load(tmp_path, "train")
