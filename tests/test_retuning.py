@@ -196,6 +196,22 @@ def test_qra_perturbations_stay_within_their_bound_and_images_within_range() -> 
     assert (moved - pixels).abs().max() > 1 / 255  # it did move them
 
 
+def test_qra_generator_reads_the_normalised_image() -> None:
+    """As the authors' generator (it reads their normalised test-transform images): the MLP's input is
+    normalize(pixels), while the perturbation is added to the pixels."""
+    from datamodules.transforms import Normalize
+    from lightning_modules.defenses.retuning import Perturbation
+
+    normalize = Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+    generator = Perturbation((3, 8, 8), 16 / 255, normalize)
+    seen = []
+    generator.net[1].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    pixels = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    moved = generator(pixels)
+    torch.testing.assert_close(seen[0], normalize(pixels).flatten(1))
+    assert (moved - pixels).abs().max() <= 16 / 255 + 1e-6
+
+
 @pytest.mark.slow  # ~10 s: a defense run with RtA and 3 QRA epochs; the generator's bound stays in the fast suite
 def test_qra_reports_both_models_and_leaves_the_defended_weights(retuned, attacked, backdoored_checkpoint,
                                                                   tmp_path) -> None:

@@ -10,14 +10,13 @@ on the same set (which skips the run's D_m): measured once per attacked model an
 attacked model like "before" (evaluation.py). The retuning draws from its
 own seeded random stream, so it changes no run's other numbers and repeats exactly.
 QRA (same paper; optional, `qra: true`): a generator (an MLP 3HW -> 1024 -> 1024 -> 1024 -> 3HW, ReLU, tanh out,
-times eps = 16/255 and clamped to it) adds an input-specific perturbation to the image (pixels in 0..1, the sum
-clamped to [0, 1]); it is trained (SGD lr 0.1, momentum 0.9, batch 128, 50 epochs) on 500 clean and 500 poisoned
+times eps = 16/255 and clamped to it) reads the normalised image, as the models do, and adds an input-specific
+perturbation to its pixels (0..1, the sum clamped to [0, 1]); it is trained (SGD lr 0.1, momentum 0.9, batch 128, 50 epochs) on 500 clean and 500 poisoned
 training images with alpha KL(defended(x + p) || retuned(x)) + CE(clean(x + p), y), alpha 0.2: the defended model
 on x + p imitates its retuned self on x, while a clean model must not be fooled. Reported: the defended model's ASR
 on the triggered test images + p and the share of non-target clean test images + p classified as the target, and
 the same two for the clean model (does the perturbation transfer, i.e. is it an adversarial example rather than
-the backdoor?). Differences: the generator reads the image in 0..1 (the input it perturbs); the authors' 500
-poisoned images come from their poisoned training folder, ours from the attack's poisoned training images whose
+the backdoor?). Differences: the authors' 500 poisoned images come from their poisoned training folder, ours from the attack's poisoned training images whose
 label it changes (fewer where fewer exist).
 Cost: RtA: epochs x (set size) forward + backward passes (5 x 1,000 on CIFAR-10) and one test-set pass per model;
 QRA: 50 x 1,000 generator steps through two frozen models, and two test-set passes per model.
@@ -80,26 +79,31 @@ def rta_scores(scores: dict[str, float]) -> dict[str, float]:
 
 
 class Perturbation(nn.Module):
-    """QRA's generator: image (pixels in 0..1) -> the image plus its perturbation, |p| <= eps, clamped to [0, 1]."""
+    """QRA's generator: image (pixels in 0..1) -> the image plus its perturbation, |p| <= eps, clamped to [0, 1];
+    the MLP reads `normalize(image)` (the models' input normalisation, as the authors' generator reads its
+    normalised test-transform images)."""
 
-    def __init__(self, shape: tuple[int, ...], eps: float, width: int = 1024) -> None:
+    def __init__(self, shape: tuple[int, ...], eps: float, normalize: nn.Module | None = None, width: int = 1024
+                 ) -> None:
         super().__init__()
         n = math.prod(shape)
         self.eps = eps
+        self.normalize = normalize if normalize is not None else nn.Identity()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(n, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                                  nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n), nn.Tanh())
 
     def forward(self, x: Tensor) -> Tensor:
-        p = (self.net(x) * self.eps).clamp(-self.eps, self.eps).view_as(x)
+        p = (self.net(self.normalize(x)) * self.eps).clamp(-self.eps, self.eps).view_as(x)
         return (x + p).clamp(0.0, 1.0)
 
 
 def train_perturbation(defended: Callable[[Tensor], Tensor], clean: Callable[[Tensor], Tensor], x: Tensor,
-                       y: Tensor, teacher: Tensor, r: Retuning, autocast: Callable[[], Any]) -> Perturbation:
-    """QRA's generator for (uint8 images x, true labels y, the retuned model's probabilities on x); the two models'
-    parameters must not require gradients."""
+                       y: Tensor, teacher: Tensor, r: Retuning, autocast: Callable[[], Any],
+                       normalize: nn.Module | None = None) -> Perturbation:
+    """QRA's generator for (uint8 images x, true labels y, the retuned model's probabilities on x), reading
+    `normalize(pixels)`; the two models' parameters must not require gradients."""
     with own_random_stream(r.seed, x.device):
-        generator = Perturbation(tuple(x.shape[1:]), r.qra_eps).to(x.device)
+        generator = Perturbation(tuple(x.shape[1:]), r.qra_eps, normalize).to(x.device)
         optimizer = torch.optim.SGD(generator.parameters(), lr=r.qra_lr, momentum=0.9)
         with torch.enable_grad():
             for _ in range(r.qra_epochs):
@@ -220,7 +224,8 @@ def query_reactivation(defense: Any, teacher: Tensor) -> dict[str, Any]:
     for p in params:
         p.requires_grad_(False)
     defense.eval()
-    generator = train_perturbation(defense, lambda v: defense.classify(v, clean), x, y, teacher, r, defense.autocast)
+    generator = train_perturbation(defense, lambda v: defense.classify(v, clean), x, y, teacher, r, defense.autocast,
+                                   copy.deepcopy(defense.normalize))
     backdoor, test = data.test_set("backdoor"), data.test_set("clean")
     target = attack_labels(test[1], attack["target"], attack["mode"], defense.spec.num_classes)
     size = data.eval_batch_size
