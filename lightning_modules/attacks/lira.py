@@ -29,6 +29,7 @@ from datamodules.transforms import to_unit
 from datamodules.triggers.lira import LIRATrigger
 from lightning_modules.attacks.base import TrainingControlledAttack
 from lightning_modules.attacks.batch_augment import PostPoisonAugment
+from lightning_modules.victim import CompileMode
 
 
 class LIRA(TrainingControlledAttack):
@@ -51,7 +52,8 @@ class LIRA(TrainingControlledAttack):
         one_forward: classify the clean batch and its backdoor copies in one forward pass (one set of
             BatchNorm batch statistics); False: two passes, as the reference.
         channels_last: NHWC memory format.
-        poison_ratio, target, mode: the poisoning (see TrainingControlledAttack); dataset: see VictimTraining.
+        poison_ratio, target, mode: the poisoning (see TrainingControlledAttack); dataset, compile_mode: see
+            VictimTraining.
     """
 
     def __init__(
@@ -76,11 +78,12 @@ class LIRA(TrainingControlledAttack):
         target: int = 0,
         mode: Mode = "all_to_one",
         dataset: str | None = None,
+        compile_mode: CompileMode | None = None,
     ) -> None:
         super().__init__(poison_ratio=poison_ratio, target=target, mode=mode, backbone=backbone, lr=lr,
                          momentum=momentum, weight_decay=weight_decay, nesterov=False, schedule="multistep",
                          milestones=list(finetune_milestones), gamma=gamma, augment=augment,
-                         channels_last=channels_last, dataset=dataset)
+                         channels_last=channels_last, dataset=dataset, compile_mode=compile_mode)
         if joint_epochs < 0:
             raise ValueError(f"LIRA joint_epochs (stage-1 epochs) must be >= 0, got {joint_epochs}")
         if not 0.0 <= alpha <= 1.0:
