@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -141,7 +142,10 @@ def _execute(job: Job, run_dir: Path) -> dict[str, Any]:
 
             argv, sys.argv = sys.argv, [sys.argv[0]]  # LightningCLI warns when argv and args both hold arguments
             try:
-                cli = BackdoorCLI(args=[*job.argv, *device_args])
+                with warnings.catch_warnings():
+                    # the CSV logger writes into the run's folder, which holds run.json and log.txt from above
+                    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+                    cli = BackdoorCLI(args=[*job.argv, *device_args])
             finally:
                 sys.argv = argv
                 finish_wandb()  # a worker runs many runs: the next one must not log into this one's W&B run

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -400,6 +401,24 @@ def check_test_leaves_files_alone(runs: Path, cwd: Path) -> None:
                 cwd=cwd)
         assert "test/acc" in (run / "test" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert digests() == before
+
+
+def test_the_csv_loggers_false_alarm_is_silenced(finished_grid, tmp_path) -> None:
+    """The runner writes run.json and log.txt into a run's folder before the CSV logger starts there; the logger's
+    warning that the folder "exists and is not empty" and its log files "will be deleted" is a false alarm there,
+    and must not fill every run's log (one defense run redone in a copy of the finished grid, warnings recorded)."""
+    from experiments.runner import defense_job, execute
+
+    spec = yaml.safe_load(finished_grid["path"].read_text()) | {"runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copytree(finished_grid["runs"] / "attacks", tmp_path / "runs" / "attacks")  # the same keys: no training
+    grid = Grid.load(tmp_path / "grid.yaml")
+    run = grid.defense_runs()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert execute(defense_job(grid, run))["status"] == "done"
+    assert (grid.defense_dir(run) / "result.json").exists()
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
 
 
 @pytest.mark.slow  # 8 s in a subprocess; the report's rows are also checked in-process (tables, W&B rows)
