@@ -225,7 +225,8 @@ def test_delta_search_ascends_ce_against_own_predictions(backdoored_checkpoint, 
     """The universal delta ascends CE(f(x + delta), f(x)) on D_m (4 batches of 25, no augmentation: 4 steps on these
     images): CE with it lies at least 1.5x above CE without it and with a random delta of the same L2 norm, in either
     space (1.9-2.4x over CE without it, measured under torch 2.11 and 2.14: a ratio, since the fixture model's CE
-    differs between versions); a descent would lower it. (Pixel space at lr 1: at lr 10 its delta explodes and any direction raises CE.)"""
+    differs between versions); a descent would lower it. (Pixel space at lr 1: at lr 10 its delta explodes and any
+    direction raises CE.)"""
     path = str(backdoored_checkpoint["path"])
     data = MitigationDataModule(spc=10, backdoored=path)
     data.setup("fit")

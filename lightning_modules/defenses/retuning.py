@@ -11,13 +11,14 @@ attacked model like "before" (evaluation.py). The retuning draws from its
 own seeded random stream, so it changes no run's other numbers and repeats exactly.
 QRA (same paper; optional, `qra: true`): a generator (an MLP 3HW -> 1024 -> 1024 -> 1024 -> 3HW, ReLU, tanh out,
 times eps = 16/255 and clamped to it) reads the normalised image, as the models do, and adds an input-specific
-perturbation to its pixels (0..1, the sum clamped to [0, 1]); it is trained (SGD lr 0.1, momentum 0.9, batch 128, 50 epochs) on 500 clean and 500 poisoned
-training images with alpha KL(defended(x + p) || retuned(x)) + CE(clean(x + p), y), alpha 0.2: the defended model
-on x + p imitates its retuned self on x, while a clean model must not be fooled. Reported: the defended model's ASR
-on the triggered test images + p and the share of non-target clean test images + p classified as the target, and
-the same two for the clean model (does the perturbation transfer, i.e. is it an adversarial example rather than
-the backdoor?). Differences: the authors' 500 poisoned images come from their poisoned training folder, ours from the attack's poisoned training images whose
-label it changes (fewer where fewer exist).
+perturbation to its pixels (0..1, the sum clamped to [0, 1]); it is trained (SGD lr 0.1, momentum 0.9, batch 128,
+50 epochs) on 500 clean and 500 poisoned training images with alpha KL(defended(x + p) || retuned(x)) +
+CE(clean(x + p), y), alpha 0.2: the defended model on x + p imitates its retuned self on x, while a clean model must
+not be fooled. Reported: the defended model's ASR on the triggered test images + p and the share of non-target
+clean test images + p classified as the target, and the same two for the clean model (does the perturbation
+transfer, i.e. is it an adversarial example rather than the backdoor?). Differences: the authors' 500 poisoned
+images come from their poisoned training folder, ours from the attack's poisoned training images whose label it
+changes (fewer where fewer exist).
 Cost: RtA: epochs x (set size) forward + backward passes (5 x 1,000 on CIFAR-10) and one test-set pass per model;
 QRA: 50 x 1,000 generator steps through two frozen models, and two test-set passes per model.
 """
