@@ -195,7 +195,7 @@ def test_compiled_training_matches_eager() -> None:
 
 @pytest.mark.gpu
 def test_cuda_graph_training_runs() -> None:
-    """"reduce-overhead" (CUDA graphs) on a GPU: three steps train and match eager closely."""
+    """CUDA graphs (`compile_mode` "reduce-overhead") on a GPU: three steps train and match eager closely."""
     eager, graphed = _train_steps(None, "cuda"), _train_steps("reduce-overhead", "cuda")
     assert graphed[0].net._compiled_call_impl is not None
     _assert_same_steps(eager, graphed, atol=1e-3)
