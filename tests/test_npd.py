@@ -77,7 +77,7 @@ def test_stop_once_the_batch_hits_the_target(backdoored_checkpoint) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"radius": -1.0}, {"lr": 0.0}, {"warmup_lr": -1e-4}, {"attack_steps": 0},
-                                 {"stop_fraction": 1.5}, {"loss_weights": (1.0, -0.4, 0.4, 0.4)},
+                                 {"stop_fraction": 1.5}, {"loss_weights": (1.0, -0.4, 0.4, 0.4)}, {"bce_offset": -1e-4},
                                  {"layers": {"VGG19BN": "features.49"}}, {"layers": {"SmallCNN": "features.15"}},
                                  {"layers": {"SmallCNN": "no.such"}}])
 def test_bad_settings(backdoored_checkpoint, bad) -> None:
@@ -114,12 +114,13 @@ def test_perturbation_moves_toward_the_target(backdoored_checkpoint) -> None:
     assert ce["searched"] < ce["clean"] - 1.5, ce
 
 
-def test_loss_terms_labels_and_weights(backdoored_checkpoint) -> None:
+@pytest.mark.parametrize("offset", [1e-4, 0.0])
+def test_loss_terms_labels_and_weights(backdoored_checkpoint, offset) -> None:
     """NPD's outer loss recomputed from its definition: CE(x, y), CE(x~, y_hat) with y_hat the prediction on x, and
-    -log(1 - s) of x~ at its top non-true class and at y~ (the top non-true class on x), weighted in that order.
-    Random images and labels, so that y_hat != y, and four different weights, so that a swap shows."""
+    -log(offset + 1 - s) of x~ at its top non-true class and at y~ (the top non-true class on x), weighted in that
+    order. Random images and labels, so that y_hat != y, and four different weights, so that a swap shows."""
     weights = (0.3, 0.7, 1.1, 1.9)
-    model = NPD(str(backdoored_checkpoint["path"]), loss_weights=weights).eval()
+    model = NPD(str(backdoored_checkpoint["path"]), loss_weights=weights, bce_offset=offset).eval()
     x = images(16).float() / 255
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
     loss, terms = model.npd_loss(x, y)
@@ -141,11 +142,32 @@ def test_loss_terms_labels_and_weights(backdoored_checkpoint) -> None:
             "ce_clean": torch.nn.functional.cross_entropy(logits, y),
             "ce_adv": torch.nn.functional.cross_entropy(adv, y_hat),
             # 1 - s as the sum of the other classes' probabilities: 1 - p rounds to 0 (log: inf) when s ~ 1
-            "bce_top_other": -p.scatter(1, top_non_true(adv)[:, None], 0).sum(1).log().mean(),
-            "bce_target": -p.scatter(1, y_tilde[:, None], 0).sum(1).log().mean(),
+            "bce_top_other": -(offset + p.scatter(1, top_non_true(adv)[:, None], 0).sum(1)).log().mean(),
+            "bce_target": -(offset + p.scatter(1, y_tilde[:, None], 0).sum(1)).log().mean(),
         }
     for key, value in expected.items():
         assert float(terms[key].detach()) == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
     total = sum(w * float(v) for w, v in zip(weights, expected.values()))
     assert float(loss.detach()) == pytest.approx(total, rel=1e-4)
     assert float(terms["adv_hits_target"]) == pytest.approx(float((adv.argmax(1) == y_tilde).float().mean()))
+
+
+def test_the_default_bce_is_the_authors_bounded_one(backdoored_checkpoint) -> None:
+    """-log(1.0001 - s), as the authors' code: at most -log(1e-4) and a vanishing gradient when the model is sure of
+    the class; the exact form grows with the logit gap and keeps a gradient of ~1 (it diverged on SmallCNN at SPC
+    100). Both the constructor's and configs/defense/npd.yaml's default are the bounded one."""
+    import yaml
+
+    from lightning_modules.defenses.npd import neg_log_one_minus_softmax
+
+    assert NPD(str(backdoored_checkpoint["path"])).hparams.bce_offset == 1e-4
+    with open("configs/defense/npd.yaml") as f:
+        assert yaml.safe_load(f)["model"]["init_args"]["bce_offset"] == 1e-4
+    logits = torch.tensor([[40.0, 0.0, 1.0], [2.0, 0.5, 0.0]], requires_grad=True)
+    k = torch.tensor([0, 0])
+    bounded, exact = (neg_log_one_minus_softmax(logits, k, offset) for offset in (1e-4, 0.0))
+    assert float(bounded[0]) <= -torch.log(torch.tensor(1e-4)) + 1e-3 and float(exact[0]) > 38
+    torch.testing.assert_close(bounded[1], exact[1], rtol=1e-3, atol=0)  # the same away from saturation
+    (grad_bounded,) = torch.autograd.grad(bounded[0], logits)
+    (grad_exact,) = torch.autograd.grad(exact[0], logits)
+    assert grad_bounded.abs().max() < 1e-3 and grad_exact[0, 0] > 0.99

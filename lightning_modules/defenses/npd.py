@@ -4,8 +4,8 @@ Defense via Purifying Poisoned Features", NeurIPS 2023).
 A 1x1 conv + BN, identity-initialised, is inserted by a forward pre-hook at the backbone's `layer_roles.polarizer`
 (core/backbones/) and trained alone (backbone frozen, eval mode): a CE warm-up, then per batch a targeted L2 PGD
 perturbation and a four-term loss; `changes_architecture = True`, checkpoints restore it.
-Differs from the fork (details: docs/fidelity.md, "NPD"): no CE clamp at 80 in the attack; exact -log(1 - s);
-the stop check reuses the next step's forward; no per-epoch test evaluation.
+Differs from the fork (details: docs/fidelity.md, "NPD"): no CE clamp at 80 in the attack; the stop check reuses
+the next step's forward; no per-epoch test evaluation. -log(1 - s) is the authors' bounded -log(1.0001 - s).
 Defaults: configs/defense/npd.yaml; per dataset configs/defense/{gtsrb,tiny_imagenet}/npd.yaml.
 Cost: 4 fwd + 4 bwd per D_m sample per epoch (2 attack steps, clean and adversarial loss), against 1 + 1 for FT;
 measured: benchmarks/README.md.
@@ -34,9 +34,11 @@ class Polarizer(nn.Sequential):
             self[0].weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
 
 
-def neg_log_one_minus_softmax(logits: Tensor, k: Tensor) -> Tensor:
-    """-log(1 - softmax(logits)[k]) per row, stable as softmax -> 1."""
+def neg_log_one_minus_softmax(logits: Tensor, k: Tensor, offset: float = 0.0) -> Tensor:
+    """-log(1 + offset - softmax(logits)[k]) per row; offset 0: exact, stable as softmax -> 1."""
     logits = logits.float()
+    if offset > 0:  # the authors' and the fork's bounded form: at most -log(offset), its gradient vanishes as s -> 1
+        return -torch.log(1 + offset - logits.softmax(1).gather(1, k[:, None]).squeeze(1) + 1e-12)
     others = logits.scatter(1, k[:, None], -math.inf)
     return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
 
@@ -59,6 +61,8 @@ class NPD(Defense):
         lr, momentum, weight_decay: SGD of the polarizer after warm-up (constant).
         warmup_epochs, warmup_lr: the clean warm-up (plain SGD); trainer.max_epochs counts these epochs too.
         polarizer_bn_train: keep the polarizer's BN in train mode after warm-up (the fork on Tiny-ImageNet).
+        bce_offset: the two -log(1 - s) terms are -log(1 + bce_offset - s) (the authors' code: 1e-4, at most 9.2);
+            0: exact from the logits, unbounded (it diverged on SmallCNN at SPC 100).
         (and the `Defense` arguments: backdoored, result_file, save_defended, channels_last)
     """
 
@@ -85,6 +89,7 @@ class NPD(Defense):
         warmup_epochs: int = 5,
         warmup_lr: float = 1e-4,
         polarizer_bn_train: bool = False,
+        bce_offset: float = 1e-4,
         result_file: str | None = None,
         save_defended: bool = True,
         channels_last: bool = True,
@@ -99,6 +104,7 @@ class NPD(Defense):
             ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
             ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
             ("warmup_epochs", warmup_epochs, warmup_epochs >= 0, ">= 0"), ("warmup_lr", warmup_lr, warmup_lr > 0, "> 0"),
+            ("bce_offset", bce_offset, bce_offset >= 0, ">= 0"),
             ("loss_weights", loss_weights,
              len(loss_weights) == 4 and all(w >= 0 and math.isfinite(w) for w in loss_weights), "four finite values >= 0"),
             finite=True,
@@ -174,8 +180,8 @@ class NPD(Defense):
         terms = {
             "ce_clean": F.cross_entropy(logits.float(), y),
             "ce_adv": F.cross_entropy(logits_adv.float(), y_hat),
-            "bce_top_other": neg_log_one_minus_softmax(logits_adv, top_other(logits_adv, y)).mean(),
-            "bce_target": neg_log_one_minus_softmax(logits_adv, y_tilde).mean(),
+            "bce_top_other": neg_log_one_minus_softmax(logits_adv, top_other(logits_adv, y), h.bce_offset).mean(),
+            "bce_target": neg_log_one_minus_softmax(logits_adv, y_tilde, h.bce_offset).mean(),
         }
         loss = sum(w * t for w, t in zip(h.loss_weights, terms.values()))
         terms["adv_hits_target"] = (logits_adv.detach().argmax(1) == y_tilde).float().mean()
