@@ -7,6 +7,7 @@
     python grid.py sweep configs/grids/survey.yaml                    # W&B sweep YAMLs (sub-sweeps)
     python grid.py one configs/grids/survey.yaml --run <key>          # one run (what sweep agents execute)
     python grid.py report runs/                                       # every grid under runs/: tables + figures
+    python grid.py retune runs/grids/g runs/grids/g_k1 --set k=1      # RtA again on finished runs' defended models
 """
 
 from __future__ import annotations
@@ -168,6 +169,20 @@ def cmd_report(args: argparse.Namespace) -> None:
           f"(and report.html, results.csv, attacks.csv)")
 
 
+def cmd_retune(args: argparse.Namespace) -> None:
+    from experiments.retune import parse_changes, retune_runs
+
+    changes = parse_changes(args.set)
+    outcome = retune_runs(args.src, args.dst, changes, progress=not args.quiet)
+    for failure in outcome["failures"]:
+        print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)
+    print(f"{outcome['done']} of {outcome['runs']} runs retuned with {changes} -> {args.dst}"
+          + (f"; {len(outcome['failures'])} failed (listed above; run the command again to retry them)"
+             if outcome["failures"] else ""))
+    if outcome["failures"]:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wandb-project", default=None, help="also collect defense runs from this W&B project")
     p.add_argument("--wandb-entity", default=None)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("retune", help="the retuning attack again, with other settings, on the defended models of "
+                                      "finished runs (experiments/retune.py)")
+    p.add_argument("src", help="a runs folder with finished defense runs")
+    p.add_argument("dst", help="where the retuned runs' records go")
+    p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                   help="a retuning setting to change (datamodules/retuning.py), e.g. k=1; repeatable")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_retune)
     args = parser.parse_args(argv)
     with short_errors("grid.py"):
         args.func(args)
