@@ -15,7 +15,7 @@ import torch
 
 from datamodules import mitigation
 from datamodules.retuning import Retuning, clean_split, poisons, qra_set
-from lightning_modules.defenses import FT
+from lightning_modules.defenses import DEFENSES, FT
 from tests import helpers
 
 RETUNE = Retuning(k=5, fraction=0.2)  # digits: 288 images, 5 of them poisons (the paper's 2% is 29 images here)
@@ -229,3 +229,15 @@ def test_qra_reports_both_models_and_leaves_the_defended_weights(retuned, attack
     for key, value in retuned.net.state_dict().items():
         assert torch.equal(value, run.net.state_dict()[key]), key
     assert run.result["retuned"]["rta_asr"] == retuned.result["retuned"]["rta_asr"]
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_every_defense_starts_from_the_attacked_weights(name, backdoored_checkpoint) -> None:
+    """The reference rows retune the attacked model loaded afresh (a copy of defense.net would carry a method's
+    hooks, NPD's polarizer); they are cached under defense.net's weights, so the two must be the same."""
+    from datamodules.checkpoint import load_attacked
+
+    path = str(backdoored_checkpoint["path"])
+    mine = DEFENSES[name](path).net.state_dict()
+    fresh = load_attacked(path).net.state_dict()
+    assert all(k in mine and torch.equal(mine[k], v) for k, v in fresh.items())

@@ -158,7 +158,7 @@ def reference_rows(defense: Any) -> tuple[dict[str, Any] | None, float]:
         # that from construction (NPD's polarizer), which the copy would run and the retuning would train
         attacked = load_attacked(defense.backdoored).net
     mine = defense.net.state_dict()
-    if any(not torch.equal(v.cpu(), mine[k].cpu()) for k, v in attacked.state_dict().items()):
+    if any(k not in mine or not torch.equal(v.cpu(), mine[k].cpu()) for k, v in attacked.state_dict().items()):
         raise ValueError(f"retuning: {defense.backdoored} does not hold the weights the defense starts from; the "
                          f"reference rows retune the attacked model (name its checkpoint as model.backdoored)")
     cache = BeforeCache(defense.backdoored, {
