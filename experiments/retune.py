@@ -10,8 +10,9 @@ or read from their cache beside the attacked checkpoint; then the defended weigh
 again (it must equal the run's: a check that this is the run's defended model) and retuned. The destination gets
 `defenses/<attack>/<run>/result.json`: the source's record with the new `retuned` block, `seconds.retune` replaced
 and `retuned_from` (the source run and its retuning settings), so `benchmarks.tables retuning` and `grid.py report`
-read it like any grid's runs. Its run key is the source's plus "+rta-<hash of the changes>". Resumable: runs with
-a result are skipped.
+read it like any grid's runs (report the destination on its own: over a folder holding both, each defense run
+would count twice). Its run key is the source's plus "+rta-<hash of the changes>". Resumable: runs with a result
+are skipped.
 Cost: per run, the defense's construction (a second), one test-set pass for the check and the RtA itself (10-15 s on
 CIFAR-10 SmallCNN on one CPU thread, measured), against a full defense run (2-110 s there).
 """
