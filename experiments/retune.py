@@ -115,11 +115,11 @@ def retune_runs(src: str | Path, dst: str | Path, changes: dict[str, Any], progr
             done += 1
             continue
         try:
+            source_run = json.loads((run_dir / "run.json").read_text())  # the grid runner's record of the run
             record = retune_run(run_dir, out_dir, changes)
         except Exception as err:  # noqa: BLE001 - one bad run must not stop the others: listed, redone next time
             failures.append({"run": str(run_dir), "error": " ".join(str(err).split())})
             continue
-        source_run = json.loads((run_dir / "run.json").read_text())
         write_json(out_dir / "run.json", {**source_run, "key": f"{source_run['key']}+{suffix}",
                                           "retuned_from": str(run_dir)})
         write_json(out_dir / "result.json", record)  # last: a result.json marks a finished run
