@@ -166,7 +166,7 @@ def test_the_default_bce_is_the_authors_bounded_one(backdoored_checkpoint) -> No
     logits = torch.tensor([[40.0, 0.0, 1.0], [2.0, 0.5, 0.0]], requires_grad=True)
     k = torch.tensor([0, 0])
     bounded, exact = (neg_log_one_minus_softmax(logits, k, offset) for offset in (1e-4, 0.0))
-    assert float(bounded[0]) <= -torch.log(torch.tensor(1e-4)) + 1e-3 and float(exact[0]) > 38
+    assert bounded[0].item() <= -torch.log(torch.tensor(1e-4)) + 1e-3 and exact[0].item() > 38
     torch.testing.assert_close(bounded[1], exact[1], rtol=1e-3, atol=0)  # the same away from saturation
     (grad_bounded,) = torch.autograd.grad(bounded[0], logits)
     (grad_exact,) = torch.autograd.grad(exact[0], logits)
