@@ -154,13 +154,6 @@ def reference_rows(defense: Any) -> tuple[dict[str, Any] | None, float]:
     r = data.retune
     with own_random_stream(r.seed, defense.device):  # building a network draws its initial weights
         clean = load_clean_model(r.clean_model, defense.backdoor_record) if r.clean_model else None
-        # the attacked model afresh, not a copy of defense.net: a method may have hooked its own modules onto
-        # that from construction (NPD's polarizer), which the copy would run and the retuning would train
-        attacked = load_attacked(defense.backdoored).net
-    mine = defense.net.state_dict()
-    if any(k not in mine or not torch.equal(v.cpu(), mine[k].cpu()) for k, v in attacked.state_dict().items()):
-        raise ValueError(f"retuning: {defense.backdoored} does not hold the weights the defense starts from; the "
-                         f"reference rows retune the attacked model (name its checkpoint as model.backdoored)")
     cache = BeforeCache(defense.backdoored, {
         "eval_version": EVAL_VERSION, "weights": defense.net.state_dict(), "retuning": r.settings(), "set": tensors,
         "clean_weights": clean.state_dict() if clean is not None else None, "test_sets": data.test_digest(),
@@ -169,6 +162,14 @@ def reference_rows(defense: Any) -> tuple[dict[str, Any] | None, float]:
     cached = trainer.strategy.broadcast(cache.read() if trainer.is_global_zero else None)
     if cached is not None:
         return {**cached, "source": "cache"}, 0.0
+    with own_random_stream(r.seed, defense.device):
+        # the attacked model afresh, not a copy of defense.net: a method may have hooked its own modules onto
+        # that from construction (NPD's polarizer), which the copy would run and the retuning would train
+        attacked = load_attacked(defense.backdoored).net
+    mine = defense.net.state_dict()
+    if any(k not in mine or not torch.equal(v.cpu(), mine[k].cpu()) for k, v in attacked.state_dict().items()):
+        raise ValueError(f"retuning: {defense.backdoored} does not hold the weights the defense starts from; the "
+                         f"reference rows retune the attacked model (name its checkpoint as model.backdoored)")
     start = time.perf_counter()
     rows = {"backdoored": retuned_copy(defense, on_device(defense, attacked), tensors),
             "clean": retuned_copy(defense, on_device(defense, clean), tensors) if clean is not None else None}
