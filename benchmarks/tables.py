@@ -17,6 +17,7 @@ attack (and QRA's, where measured), with the attacked and the clean model's retu
 `findings`: the survey's findings 5 and 6 (protocol.md): per defense, median ASR and ACC after by SPC on the
 ratio-0.1 models, and by poisoning ratio at SPC 10, with the number of runs.
 `by_spc`: per dataset, attack, SPC and defense, medians of ACC / ASR / RA after, the retuned ASR and the seconds.
+`--defenses ft,sau,...` keeps only those defenses (registered names), in that order where a table follows the grid's.
 Nothing is computed here that the result records do not hold: the medians are over their numbers.
 """
 
@@ -32,9 +33,11 @@ from experiments.names import (
     attack_display,
     attack_key,
     defense_display,
+    defense_key,
     family_members,
 )
 from experiments.results import collect, collect_attacks, load_attack_result
+from lightning_modules.defenses import DEFENSES
 
 PRUNING = ["FT", *family_members("pruning")]  # FT, the baseline, heads both tables
 FINE_TUNING = family_members("fine-tuning")
@@ -172,12 +175,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["defenses", "attacks", "retuning", "findings", "by_spc"])
     parser.add_argument("runs_dirs", nargs="+")
+    parser.add_argument("--defenses", help="comma-separated registered defense names: only these, in this order")
     args = parser.parse_args()
-    if args.what in ("retuning", "findings", "by_spc"):
+    keep = [n.strip() for n in args.defenses.split(",") if n.strip()] if args.defenses else None
+    if keep is not None:
+        unknown = [n for n in keep if defense_key(n) is None]
+        if unknown or not keep:
+            parser.error(f"--defenses: unknown {', '.join(map(repr, unknown)) or 'empty list'}; registered: "
+                         f"{', '.join(DEFENSES)}")
+
+    def records() -> pd.DataFrame:
         table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
+        if keep is None:
+            return table
+        rank = {defense_key(n): i for i, n in enumerate(keep)}
+        position = table["defense"].map(lambda d: rank.get(defense_key(str(d))))
+        return table[position.notna()].iloc[position.dropna().argsort(kind="stable")].reset_index(drop=True)
+
+    if args.what in ("retuning", "findings", "by_spc"):
+        table = records()
         print({"retuning": retuning_table, "findings": findings_tables, "by_spc": by_spc_table}[args.what](table))
     elif args.what == "defenses":
-        table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)
+        table = records()
         print("FT and the pruning family\n\n" + defense_table(table, PRUNING))
         print("\nFT and the fine-tuning family\n\n" + defense_table(table, FINE_TUNING))
     else:

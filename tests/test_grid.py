@@ -495,6 +495,26 @@ def test_benchmark_tables_print_the_records_medians(finished_grid, monkeypatch, 
     assert cells[6:9] == [f"{statistics.median(r['after'][k] for r in mine):.3f}" for k in ("acc", "asr", "ra")]
 
 
+def test_benchmark_tables_keep_only_the_named_defenses(finished_grid, monkeypatch, capsys) -> None:
+    """`--defenses ft` prints FT's rows (and the reference rows) only; an unknown name is refused with the list."""
+    from benchmarks.tables import main
+
+    printed = {}
+    for names in ("ft", None):
+        monkeypatch.setattr(sys, "argv", ["tables.py", "by_spc", str(finished_grid["runs"]),
+                                          *(["--defenses", names] if names else [])])
+        main()
+        printed[names] = capsys.readouterr().out
+    defenses = lambda out: {line.split("|")[4].strip() for line in out.splitlines()[2:]}  # noqa: E731
+    refs = {"no defense (attacked model)", "never backdoored (clean model)"}
+    assert defenses(printed["ft"]) - refs == {"FT"} and len(defenses(printed[None]) - refs) > 1
+    assert all(line in printed[None].splitlines() for line in printed["ft"].splitlines() if "| FT |" in line)
+    monkeypatch.setattr(sys, "argv", ["tables.py", "by_spc", str(finished_grid["runs"]), "--defenses", "ft,nope"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "unknown 'nope'; registered: " in capsys.readouterr().err
+
+
 @pytest.mark.slow  # 10 s: a sweep agent's run in a subprocess; W&B logging stays in test_configs
 def test_one_run_under_wandb_offline(finished_grid, tmp_path) -> None:
     """What a sweep agent executes: one defense run, logged to W&B offline, grouped by attacked model."""
