@@ -505,7 +505,7 @@ def test_benchmark_tables_keep_only_the_named_defenses(finished_grid, monkeypatc
                                           *(["--defenses", names] if names else [])])
         main()
         printed[names] = capsys.readouterr().out
-    defenses = lambda out: {line.split("|")[4].strip() for line in out.splitlines()[2:]}  # noqa: E731
+    defenses = lambda out: {line.split("|")[4].strip() for line in out.splitlines()[2:]}
     refs = {"no defense (attacked model)", "never backdoored (clean model)"}
     assert defenses(printed["ft"]) - refs == {"FT"} and len(defenses(printed[None]) - refs) > 1
     assert all(line in printed[None].splitlines() for line in printed["ft"].splitlines() if "| FT |" in line)
