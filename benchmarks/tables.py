@@ -177,12 +177,12 @@ def main() -> None:
     parser.add_argument("runs_dirs", nargs="+")
     parser.add_argument("--defenses", help="comma-separated registered defense names: only these, in this order")
     args = parser.parse_args()
-    keep = [n.strip() for n in args.defenses.split(",") if n.strip()] if args.defenses else None
+    keep = [n.strip() for n in args.defenses.split(",") if n.strip()] if args.defenses is not None else None
     if keep is not None:
         unknown = [n for n in keep if defense_key(n) is None]
         if unknown or not keep:
-            parser.error(f"--defenses: unknown {', '.join(map(repr, unknown)) or 'empty list'}; registered: "
-                         f"{', '.join(DEFENSES)}")
+            what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "no name given"
+            parser.error(f"--defenses: {what}; registered: {', '.join(DEFENSES)}")
 
     def records() -> pd.DataFrame:
         table = pd.concat([collect(d) for d in args.runs_dirs], ignore_index=True)

@@ -513,6 +513,10 @@ def test_benchmark_tables_keep_only_the_named_defenses(finished_grid, monkeypatc
     with pytest.raises(SystemExit):
         main()
     assert "unknown 'nope'; registered: " in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["tables.py", "by_spc", str(finished_grid["runs"]), "--defenses", ""])
+    with pytest.raises(SystemExit):
+        main()
+    assert "--defenses: no name given; registered: " in capsys.readouterr().err
 
 
 @pytest.mark.slow  # 10 s: a sweep agent's run in a subprocess; W&B logging stays in test_configs
