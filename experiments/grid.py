@@ -173,18 +173,29 @@ def content_digest(path: Path) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# options whose value is a file the grid itself made (the retuning's clean model): in a key by its place, not its
+# spelling, so a grid with `runs_dir: /abs/path/runs/x` and one with `runs_dir: runs/x` agree on every key
+PATH_OPTIONS = frozenset({"--data.init_args.retune.clean_model"})
+
+
+def repo_path(arg: str) -> str:
+    """`arg` as a path inside the repository (posix, relative) when it is one; its absolute path otherwise."""
+    path = Path(arg).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
 def identity(args: Sequence[str], digests: dict[str, str] | None = None) -> list[str]:
     """What a run's hash covers: `args`, with the file after each `--config` replaced by its path inside the
-    repository and the digest of its parsed contents (content_digest). `digests` caches the files already read
-    (one per grid)."""
+    repository and the digest of its parsed contents (content_digest), and the file after each of PATH_OPTIONS by
+    its path inside the repository. `digests` caches the files already read (one per grid)."""
     digests = {} if digests is None else digests
     out = []
     for previous, arg in zip(("", *args), args):
-        if previous == "--config":
+        if previous in PATH_OPTIONS:
+            arg = repo_path(arg)
+        elif previous == "--config":
             if arg not in digests:
-                path = Path(arg).resolve()
-                where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
-                digests[arg] = f"{where}@sha256:{content_digest(path)}"
+                digests[arg] = f"{repo_path(arg)}@sha256:{content_digest(Path(arg).resolve())}"
             arg = digests[arg]
         out.append(arg)
     return out

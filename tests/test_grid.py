@@ -132,6 +132,26 @@ def test_one_run_of_a_retuning_grid_is_the_runners_run_and_trains_its_clean_mode
     assert str(grid.attack_checkpoint(clean)) in str(jobs[1])
 
 
+def test_run_keys_do_not_depend_on_how_runs_dir_is_spelled(tmp_path, monkeypatch) -> None:
+    """A retuning run's key holds its clean model's checkpoint by its place in the repository: a grid file with
+    `runs_dir: /abs/.../runs` and a copy with `runs_dir: runs` plan the same keys (they differed, and a resumed grid
+    redid every finished run), while a clean model elsewhere is another run."""
+    monkeypatch.setattr(experiments.grid, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    spec = yaml.safe_load(write_grid(tmp_path).read_text())
+    spec["attacks"]["attacks"] = ["badnets", "clean"]
+    spec["defenses"]["retune"] = {"k": 1}
+    spec["exclude"] = [{"attack": "clean", "defense": ["ft", "clp"]}]
+
+    def keys(runs_dir: str) -> list[str]:
+        runs = Grid.load(write_grid(tmp_path, **{**spec, "runs_dir": runs_dir})).defense_runs()
+        assert runs and all(r.needs for r in runs)
+        return [r.key for r in runs]
+
+    assert keys(str(tmp_path / "runs")) == keys("runs") == keys("./runs/../runs")
+    assert set(keys("elsewhere")).isdisjoint(keys("runs"))
+
+
 def test_run_keys_cover_config_contents(tmp_path, monkeypatch) -> None:
     """Editing a value in a config YAML makes new runs (the key hashes its parsed contents; a comment does not);
     the file enters the hash by its path inside the repository, so checkouts elsewhere agree on every key."""
