@@ -89,11 +89,15 @@ def retuning_table(table: pd.DataFrame) -> str:
 
 
 def by_spc_table(table: pd.DataFrame) -> str:
-    """Per dataset, attack, SPC and defense (in the grid's order of first appearance): runs and medians of ACC, ASR
-    and RA after, ASR after the retuning attack and the defense's seconds, under reference rows for the attacked
-    model (ASR before, its retuned ASR) and the clean model (its retuned ASR)."""
+    """Per dataset (in order of first appearance), attack (the survey's order), SPC (largest first) and defense (in
+    order of first appearance): runs and medians of ACC, ASR and RA after, ASR after the retuning attack and the
+    defense's seconds, under reference rows for the attacked model (ASR before, its retuned ASR) and the clean
+    model (its retuned ASR)."""
+    datasets = {d: i for i, d in enumerate(dict.fromkeys(table["dataset"]))}
+    groups = sorted(table.groupby(["dataset", "attack", "spc"], sort=False),
+                    key=lambda g: (datasets[g[0][0]], attack_rank(g[0][1]), -g[0][2]))
     rows = []
-    for (dataset, attack, spc), part in table.groupby(["dataset", "attack", "spc"], sort=False):
+    for (dataset, attack, spc), part in groups:
         refs = part[["asr_before", "acc_before", "rta_asr_backdoored", "rta_asr_clean"]].median()
         retuned = lambda v: f"{v:.3f}" if pd.notna(v) else ""
         rows.append(f"| {dataset} | {attack_display(attack)} | {spc} | no defense (attacked model) | "
@@ -171,6 +175,13 @@ def attack_table(attacks: pd.DataFrame) -> str:
     return "\n".join([head, *rows])
 
 
+def attack_rank(attack: str) -> int:
+    """An attack's place in the survey's order (ATTACK_ORDER, then the other registered triggers)."""
+    order = [*ATTACK_ORDER, *(a for a in TRIGGERS if a not in ATTACK_ORDER)]
+    key = attack_key(attack)
+    return order.index(key) if key in order else len(order)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["defenses", "attacks", "retuning", "findings", "by_spc"])
@@ -201,9 +212,8 @@ def main() -> None:
         print("\nFT and the fine-tuning family\n\n" + defense_table(table, FINE_TUNING))
     else:
         attacks = pd.concat([collect_attacks(d) for d in args.runs_dirs], ignore_index=True)
-        order = {a: i for i, a in enumerate([*ATTACK_ORDER, *(a for a in TRIGGERS if a not in ATTACK_ORDER)])}
         attacks = attacks.sort_values(["dataset", "attack", "poison_ratio"],
-                                      key=lambda s: s.map(attack_key).map(order) if s.name == "attack" else s,
+                                      key=lambda s: s.map(attack_rank) if s.name == "attack" else s,
                                       kind="stable")
         print(attack_table(attacks))
 

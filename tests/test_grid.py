@@ -715,3 +715,19 @@ def test_report_per_attack_tables_and_ranking(tmp_path) -> None:
     assert ranks == {"FT": 1, "FP": 2}
     report = Path(write_report(table, tmp_path / "report")).read_text()
     assert "## Per attack (medians)" in report and "### badnets" in report and "### blended" in report
+
+
+def test_by_spc_table_orders_attacks_as_the_survey_and_spc_largest_first() -> None:
+    """Rows follow dataset (first seen), attack (the survey's order), SPC (largest first), whatever the records'
+    order: a grid whose SPC-2 runs finished first still prints SPC 10 first, BadNets before WaNet."""
+    import pandas as pd
+
+    from benchmarks.tables import by_spc_table
+
+    records = [dict(dataset="digits", attack=attack, spc=spc, defense="FT", attack_key=f"{attack}-k", acc_before=0.9,
+                    asr_before=0.95, rta_asr_backdoored=0.9, rta_asr_clean=0.1, acc_after=0.8, asr_after=0.1,
+                    ra_after=0.7, rta_asr=0.5, seconds=3.0)
+               for attack, spc in (("wanet", 2), ("badnets", 2), ("wanet", 10), ("badnets", 10))]
+    rows = [line.split("|") for line in by_spc_table(pd.DataFrame(records)).splitlines()[2:]]
+    order = list(dict.fromkeys((r[2].strip(), int(r[3])) for r in rows))
+    assert order == [("BadNets", 10), ("BadNets", 2), ("WaNet", 10), ("WaNet", 2)]
